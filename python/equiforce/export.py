@@ -1,0 +1,144 @@
+"""The exported TorchScript file: one file per model, the contract with every engine.
+
+Signature of the scripted module (all engines call exactly this)::
+
+    energy, per_atom_energy, forces, virial = module(pos, species, edge_index, edge_shift, cell, n_local)
+
+=================  ==========  =============================================================
+argument           shape        meaning
+=================  ==========  =============================================================
+pos                [N, 3]       positions (Å), model dtype; the first ``n_local`` atoms are the
+                                ones whose energy counts (LAMMPS local atoms), the rest ghosts
+species            [N] int64    index into ``metadata["species"]``
+edge_index         [2, E] int64 (centre i, neighbour j); every pair within r_max, both directions
+edge_shift         [E, 3]       Cartesian shift (Å): ``r_ij = pos[j] - pos[i] + edge_shift``
+                                (zeros when ghosts carry their own image positions)
+cell               [3, 3]       lattice vectors as rows (Å); zeros for a non-periodic system
+n_local            int          number of leading atoms whose energies are summed
+=================  ==========  =============================================================
+
+Returns ``energy`` [] (eV, sum over local atoms), ``per_atom_energy`` [N] (eV; ghosts included),
+``forces`` [N, 3] (eV/Å, ``-d energy / d pos`` on every atom given, ghosts included) and
+``virial`` [3, 3] (eV, ``-sum_e r_e (x) dE/dr_e``; stress = -virial / volume).
+
+Metadata lives in the file as the extra file ``equiforce_metadata.json`` (see
+:func:`build_metadata`); engines read it with ``torch.jit.load(..., _extra_files=...)`` in Python
+and ``torch::jit::load(path, device, extra_files)`` in C++.
+"""
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import FORMAT_VERSION, __version__
+from .forces import edge_vectors, forces_virial_from_edge_grad
+
+METADATA_FILE = "equiforce_metadata.json"
+
+
+class ExportedPotential(nn.Module):
+    """Wraps an energy model (see :mod:`equiforce.analytic` for the contract) with autograd forces."""
+
+    def __init__(self, energy_model: nn.Module):
+        super().__init__()
+        self.energy_model = energy_model
+
+    def forward(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+                cell: Tensor, n_local: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        n = pos.shape[0]
+        edge_vec = edge_vectors(pos, edge_index, edge_shift).detach().requires_grad_(True)
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        atom_energy = self.energy_model(species, edge_index, edge_vec, batch, 1)
+        local = (torch.arange(n, device=pos.device) < n_local).to(atom_energy.dtype)
+        energy = (atom_energy * local).sum()
+        grads = torch.autograd.grad([energy], [edge_vec], allow_unused=True)
+        edge_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=pos.device)
+        forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, n, edge_graph, 1)
+        return energy.detach(), atom_energy.detach(), forces.detach(), virial[0].detach()
+
+
+def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = "none",
+                   model_type: str = "equiforce", extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The metadata every engine checks. ``symmetry`` is "O3", "SE3" or "none" (analytic models)."""
+    meta: Dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "equiforce_version": __version__,
+        "model_type": model_type,
+        "species": list(energy_model.species_names),
+        "r_max": float(energy_model.r_max),
+        "num_layers": int(energy_model.num_layers),
+        # distance over which an atom's energy depends on others: the ghost shell LAMMPS needs
+        "receptive_field": float(energy_model.r_max) * int(energy_model.num_layers),
+        "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
+        "symmetry": symmetry,
+        "units": {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom", "virial": "eV"},
+        "signature": "(pos, species, edge_index, edge_shift, cell, n_local) -> (energy, per_atom_energy, forces, virial)",
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.float64,
+                 symmetry: str = "none", model_type: str = "equiforce",
+                 extra_metadata: Optional[Dict[str, Any]] = None,
+                 check_structure: Optional[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None) -> Dict[str, Any]:
+    """Script ``energy_model`` inside :class:`ExportedPotential`, store metadata, save to ``path``.
+
+    When ``check_structure = (pos, species, edge_index, edge_shift, cell)`` is given, the scripted
+    module is re-run against the eager one before saving and the export fails if they differ.
+    Returns the metadata written.
+    """
+    energy_model = energy_model.to(dtype).eval()
+    wrapper = ExportedPotential(energy_model)
+    scripted = torch.jit.script(wrapper)
+    meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata)
+    if check_structure is not None:
+        pos, species, edge_index, edge_shift, cell = check_structure
+        args = (pos.to(dtype), species, edge_index, edge_shift.to(dtype), cell.to(dtype), int(pos.shape[0]))
+        ref = wrapper(*args)
+        got = scripted(*args)
+        for name, a, b in zip(("energy", "per_atom_energy", "forces", "virial"), ref, got):
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            scale = max(1.0, float(a.abs().max()) if a.numel() else 1.0)
+            if a.shape != b.shape or (a.numel() and float((a - b).abs().max()) > tol * scale):
+                raise RuntimeError(f"export check failed: scripted and eager {name} differ")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.jit.save(scripted, path, _extra_files={METADATA_FILE: json.dumps(meta, indent=1)})
+    return meta
+
+
+class ModelFileError(ValueError):
+    """An exported file that is missing, unreadable, not an equiforce export, or of an unknown version."""
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+    """Metadata of an exported file, with clear errors for files that are not equiforce exports."""
+    _, meta = load_exported(path, map_location="cpu")
+    return meta
+
+
+def load_exported(path: str, map_location: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+    """Load an exported file and its metadata, checking the format version."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file '{path}' does not exist")
+    extra = {METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(path, map_location=map_location, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError with long C++ traces
+        raise ModelFileError(
+            f"'{path}' is not a TorchScript file ({str(exc).splitlines()[0]}); "
+            "export a trained run with `equiforce export RUN_DIR -o model.pt`") from None
+    if not extra[METADATA_FILE]:
+        raise ModelFileError(
+            f"'{path}' is a TorchScript file but not an equiforce export (no {METADATA_FILE}); "
+            "export it with `equiforce export`")
+    meta = json.loads(extra[METADATA_FILE])
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"'{path}' has format_version {version}, this equiforce ({__version__}) reads "
+            f"format_version {FORMAT_VERSION}; re-export the model with this version")
+    return module, meta

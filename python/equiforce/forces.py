@@ -1,0 +1,77 @@
+"""Energy, forces and virial from one autograd pass over the edge vectors.
+
+Every engine (training, ASE, the exported TorchScript file, LAMMPS, OpenMM) goes through
+:func:`energy_forces_virial`, so the sign conventions live in one place:
+
+* edge ``e = (i, j)`` with ``i = edge_index[0, e]`` the centre and ``j = edge_index[1, e]`` the
+  neighbour; its vector is ``r_e = pos[j] - pos[i] + edge_shift[e]`` (Å).
+* ``forces = -dE/dpos``: with ``g_e = dE/dr_e``, ``F_i += g_e`` and ``F_j -= g_e`` (eV/Å).
+* ``virial = -sum_e r_e (x) g_e`` (eV), the LAMMPS convention (sum r.f, positive when repulsive).
+  ASE stress is ``-virial / volume`` (eV/Å^3).
+
+Only the edge vectors carry the geometry, so energies are translation-invariant by construction
+and the virial is exact for periodic systems without differentiating the cell.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .scatter import scatter_sum
+
+
+def edge_vectors(pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> Tensor:
+    """Edge vectors ``pos[j] - pos[i] + shift`` [E, 3] (Å)."""
+    return pos.index_select(0, edge_index[1]) - pos.index_select(0, edge_index[0]) + edge_shift
+
+
+def forces_virial_from_edge_grad(
+    edge_grad: Optional[Tensor],
+    edge_vec: Tensor,
+    edge_index: Tensor,
+    n_atoms: int,
+    edge_graph: Tensor,
+    num_graphs: int,
+) -> Tuple[Tensor, Tensor]:
+    """Turn ``dE/dr_e`` [E, 3] into forces [N, 3] (eV/Å) and per-graph virials [B, 3, 3] (eV).
+
+    ``edge_grad`` may be None (no edges, or energy independent of geometry): zeros are returned.
+    ``edge_graph`` [E] is the graph index of each edge.
+    """
+    if edge_grad is None:
+        forces = torch.zeros((n_atoms, 3), dtype=edge_vec.dtype, device=edge_vec.device)
+        virial = torch.zeros((num_graphs, 3, 3), dtype=edge_vec.dtype, device=edge_vec.device)
+        return forces, virial
+    forces = scatter_sum(edge_grad, edge_index[0], n_atoms) - scatter_sum(edge_grad, edge_index[1], n_atoms)
+    per_edge = -(edge_vec.unsqueeze(2) * edge_grad.unsqueeze(1))  # [E, 3, 3]
+    virial = scatter_sum(per_edge, edge_graph, num_graphs)
+    return forces, virial
+
+
+def energy_forces_virial(
+    model: torch.nn.Module,
+    pos: Tensor,
+    species: Tensor,
+    edge_index: Tensor,
+    edge_shift: Tensor,
+    batch: Tensor,
+    num_graphs: int,
+    create_graph: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Evaluate an energy model on a batch of graphs.
+
+    Args: ``pos`` [N, 3] (Å), ``species`` [N], ``edge_index`` [2, E], ``edge_shift`` [E, 3] (Å),
+    ``batch`` [N] graph index of each atom, ``num_graphs`` B. ``create_graph=True`` keeps the graph
+    of the force computation (needed to train on forces).
+
+    Returns ``(energy [B] eV, per_atom_energy [N] eV, forces [N, 3] eV/Å, virial [B, 3, 3] eV)``.
+    """
+    edge_vec = edge_vectors(pos, edge_index, edge_shift)
+    if not edge_vec.requires_grad:
+        edge_vec = edge_vec.requires_grad_(True)
+    atom_energy = model(species, edge_index, edge_vec, batch, num_graphs)
+    energy = scatter_sum(atom_energy, batch, num_graphs)
+    grads = torch.autograd.grad([energy.sum()], [edge_vec], create_graph=create_graph, allow_unused=True)
+    edge_graph = batch.index_select(0, edge_index[0])
+    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
+    return energy, atom_energy, forces, virial

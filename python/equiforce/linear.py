@@ -1,0 +1,107 @@
+"""Equivariant linear maps: channel mixing within each irrep type.
+
+A block of irrep ``(l, p)`` can only be mapped to blocks of the same ``(l, p)`` (Schur's lemma),
+with one ``[mul_in, mul_out]`` matrix per pair of blocks, acting on all ``2l+1`` components alike.
+Weights start N(0, 1) and are scaled by ``1/sqrt(fan_in)`` in the forward pass, where ``fan_in`` is
+the total multiplicity of inputs feeding an output block.
+"""
+import math
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .irreps import Irreps
+
+
+def _instructions(irreps_in: Irreps, irreps_out: Irreps, n_copies: int) -> Tuple[List[List[int]], List[float], int]:
+    """Paths ``[in_start, mul_in, out_start, mul_out, d, w_offset]``, their 1/sqrt(fan_in) scales,
+    and the number of weights (``n_copies`` independent weight sets, e.g. one per species)."""
+    ins: List[List[int]] = []
+    scales: List[float] = []
+    offset = 0
+    in_slices, out_slices = irreps_in.slices(), irreps_out.slices()
+    for o, (mul_o, ir_o) in enumerate(irreps_out):
+        fan_in = sum(m.mul for m in irreps_in if m.ir == ir_o)
+        for i, (mul_i, ir_i) in enumerate(irreps_in):
+            if ir_i != ir_o or mul_i == 0 or mul_o == 0:
+                continue
+            ins.append([in_slices[i][0], mul_i, out_slices[o][0], mul_o, ir_o.dim, offset])
+            scales.append(1.0 / math.sqrt(fan_in))
+            offset += n_copies * mul_i * mul_o
+    return ins, scales, offset
+
+
+class Linear(nn.Module):
+    """``x`` [N, irreps_in.dim] -> [N, irreps_out.dim]. Output blocks with no matching input are 0.
+
+    ``bias=True`` adds a learnable bias to the even-scalar (0e) output blocks only (any other
+    bias would break equivariance).
+    """
+
+    instructions: List[List[int]]
+    scales: List[float]
+
+    def __init__(self, irreps_in: Irreps, irreps_out: Irreps, bias: bool = False):
+        super().__init__()
+        self.irreps_in = Irreps(irreps_in)
+        self.irreps_out = Irreps(irreps_out)
+        ins, scales, n_w = _instructions(self.irreps_in, self.irreps_out, 1)
+        self.instructions: List[List[int]] = ins
+        self.scales: List[float] = scales
+        self.weight = nn.Parameter(torch.randn(n_w))
+        self.dim_out = self.irreps_out.dim
+        scalar_mask = torch.zeros(self.dim_out)
+        for (start, stop), m in zip(self.irreps_out.slices(), self.irreps_out):
+            if m.ir.l == 0 and m.ir.p == 1:
+                scalar_mask[start:stop] = 1.0
+        self.use_bias = bool(bias)
+        self.register_buffer("bias_mask", scalar_mask)
+        self.bias = nn.Parameter(torch.zeros(self.dim_out if bias else 0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        out = torch.zeros((n, self.dim_out), dtype=x.dtype, device=x.device)
+        for k, ins in enumerate(self.instructions):
+            in_start, mul_i, out_start, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
+            w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
+            xb = x[:, in_start:in_start + mul_i * d].reshape(n, mul_i, d)
+            yb = torch.einsum("nud,uw->nwd", xb, w).reshape(n, mul_o * d)
+            out[:, out_start:out_start + mul_o * d] += yb
+        if self.use_bias:
+            out = out + self.bias * self.bias_mask
+        return out
+
+
+class SpeciesLinear(nn.Module):
+    """Linear map whose weights depend on the atom's species (the self-interaction).
+
+    ``x`` [N, irreps_in.dim], ``species`` [N] -> [N, irreps_out.dim]; equivalent to a tensor product
+    with the one-hot species vector.
+    """
+
+    instructions: List[List[int]]
+    scales: List[float]
+
+    def __init__(self, irreps_in: Irreps, irreps_out: Irreps, num_species: int):
+        super().__init__()
+        self.irreps_in = Irreps(irreps_in)
+        self.irreps_out = Irreps(irreps_out)
+        self.num_species = int(num_species)
+        ins, scales, n_w = _instructions(self.irreps_in, self.irreps_out, self.num_species)
+        self.instructions: List[List[int]] = ins
+        self.scales: List[float] = scales
+        self.weight = nn.Parameter(torch.randn(n_w))
+        self.dim_out = self.irreps_out.dim
+
+    def forward(self, x: Tensor, species: Tensor) -> Tensor:
+        n = x.shape[0]
+        s = self.num_species
+        out = torch.zeros((n, self.dim_out), dtype=x.dtype, device=x.device)
+        for k, ins in enumerate(self.instructions):
+            in_start, mul_i, out_start, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
+            w = self.weight[off:off + s * mul_i * mul_o].view(s, mul_i, mul_o) * self.scales[k]
+            xb = x[:, in_start:in_start + mul_i * d].reshape(n, mul_i, d)
+            yb = torch.bmm(w.index_select(0, species).transpose(1, 2), xb)  # [n, mul_o, d]
+            out[:, out_start:out_start + mul_o * d] += yb.reshape(n, mul_o * d)
+        return out

@@ -1,0 +1,66 @@
+"""Radial functions of the interatomic distance: Bessel basis, smooth cutoff envelope, radial MLP.
+
+Everything here depends only on ``r = |r_ij|`` (Å), so the tensor-product weights it produces are
+rotation-invariant. The envelope makes every edge's contribution vanish smoothly at ``r_max``
+(value and first ``p-1`` derivatives), so energies and forces are continuous when a neighbour
+crosses the cutoff; edges with ``r >= r_max`` contribute exactly zero.
+"""
+import math
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from .activations import NormalizedSiLU
+
+
+def polynomial_cutoff(r: Tensor, r_max: float, p: int = 6) -> Tensor:
+    """Envelope [E]: 1 at r=0, 0 with p-1 vanishing derivatives at ``r_max``, 0 beyond."""
+    x = r / r_max
+    env = (
+        1.0
+        - 0.5 * (p + 1) * (p + 2) * x.pow(p)
+        + p * (p + 2) * x.pow(p + 1)
+        - 0.5 * p * (p + 1) * x.pow(p + 2)
+    )
+    return env * (x < 1.0).to(r.dtype)
+
+
+class BesselBasis(nn.Module):
+    """``b_n(r) = sqrt(2/r_max) sin(n pi r / r_max) / r`` for n = 1..num_basis, [E] -> [E, num_basis].
+
+    Written with ``torch.sinc`` so it is finite (and smooth) at r = 0.
+    """
+
+    def __init__(self, r_max: float, num_basis: int = 8):
+        super().__init__()
+        self.r_max = float(r_max)
+        n = torch.arange(1, num_basis + 1, dtype=torch.get_default_dtype())
+        self.register_buffer("n", n)
+        self.prefactor = math.sqrt(2.0 / self.r_max)
+
+    def forward(self, r: Tensor) -> Tensor:
+        n = self.n.to(r.dtype)
+        x = r.unsqueeze(-1) / self.r_max  # [E, 1]
+        return self.prefactor * (n * math.pi / self.r_max) * torch.sinc(n * x)
+
+
+class RadialMLP(nn.Module):
+    """Fully connected net on the radial basis, [E, sizes[0]] -> [E, sizes[-1]], normalised SiLU
+    between layers, no biases. Weights start as N(0, 1/fan_in) (variance-preserving)."""
+
+    def __init__(self, sizes: List[int]):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError("RadialMLP needs at least input and output sizes")
+        layers: List[nn.Module] = []
+        for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            lin = nn.Linear(a, b, bias=False)
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(a))
+            layers.append(lin)
+            if k < len(sizes) - 2:
+                layers.append(NormalizedSiLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

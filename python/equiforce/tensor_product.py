@@ -1,0 +1,106 @@
+"""Clebsch-Gordan tensor product of neighbour features with edge harmonics, weighted per edge.
+
+For each edge, a feature block ``x`` (``mul`` copies of irrep ``l1``) is combined with the edge
+harmonic ``Y_l2`` into every allowed output irrep ``l3``::
+
+    out[u, k] = w[u] * sqrt(2 l3 + 1) * sum_ij C[i, j, k] x[u, i] Y[j]
+
+(``C`` the unit-norm real Clebsch-Gordan tensor of :mod:`equiforce.clebsch_gordan`, the
+``sqrt(2l3+1)`` keeping component-normalised inputs component-normalised). Channels are not mixed
+("uvu" / depthwise); ``w`` [E, mul] per path comes from the radial MLP, so it depends only on the
+interatomic distance and the product stays equivariant.
+
+Allowed paths: ``|l1 - l2| <= l3 <= l1 + l2`` and, in O(3) mode, ``p3 = p1 * p2``; in SE(3) mode every
+irrep is marked even, so parity never forbids a path (pseudoscalars such as triple products appear
+among the "scalars" and mirror images can differ).
+
+Paths sharing ``(l1 block, l2)`` are evaluated together: one matmul builds
+``M[e] = sum_j Y[e, j] C[:, j, :]`` for all their ``l3`` at once, one batched matmul applies it.
+"""
+import math
+from typing import List, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .clebsch_gordan import clebsch_gordan
+from .irreps import Irrep, Irreps
+
+
+class EdgeTensorProduct(nn.Module):
+    """``x`` [E, irreps_in.dim], ``sh`` [E, irreps_sh.dim], ``weight`` [E, weight_numel] -> [E, irreps_out.dim].
+
+    ``irreps_out`` (one block of ``mul`` per path, in path order) and ``weight_numel`` (sum of the
+    path multiplicities; weights laid out path after path) are attributes.
+    """
+
+    groups: List[List[int]]
+    path_slices: List[List[int]]
+
+    def __init__(self, irreps_in: Irreps, irreps_sh: Irreps, allowed_out: Set[Irrep]):
+        super().__init__()
+        self.irreps_in = Irreps(irreps_in)
+        self.irreps_sh = Irreps(irreps_sh)
+        in_slices, sh_slices = self.irreps_in.slices(), self.irreps_sh.slices()
+        groups: List[List[int]] = []
+        cg_chunks: List[torch.Tensor] = []
+        rep_chunks: List[torch.Tensor] = []
+        out_blocks: List[Tuple[int, Tuple[int, int]]] = []
+        path_slices: List[List[int]] = []  # [group, start in group's last axis, d3]
+        cg_off, rep_off, w_off = 0, 0, 0
+        for i1, (mul, ir1) in enumerate(self.irreps_in):
+            for i2, (mul2, ir2) in enumerate(self.irreps_sh):
+                if mul2 != 1:
+                    raise ValueError("edge harmonics must have multiplicity 1")
+                outs = [ir3 for ir3 in ir1 * ir2 if ir3 in allowed_out]
+                if not outs or mul == 0:
+                    continue
+                d1, d2 = ir1.dim, ir2.dim
+                d3_total = sum(ir3.dim for ir3 in outs)
+                # C_cat [d2, d1, d3_total], flattened to [d2, d1 * d3_total]
+                c = torch.cat([
+                    torch.from_numpy(clebsch_gordan(ir1.l, ir2.l, ir3.l)).permute(1, 0, 2) * math.sqrt(ir3.dim)
+                    for ir3 in outs], dim=2)
+                cg_chunks.append(c.reshape(-1))
+                # which path each output column belongs to (local index inside the group)
+                rep = torch.cat([torch.full((ir3.dim,), k, dtype=torch.long) for k, ir3 in enumerate(outs)])
+                rep_chunks.append(rep)
+                g = len(groups)
+                groups.append([in_slices[i1][0], mul, d1, sh_slices[i2][0], d2, cg_off, d3_total,
+                               rep_off, w_off, len(outs)])
+                start = 0
+                for ir3 in outs:
+                    out_blocks.append((mul, (ir3.l, ir3.p)))
+                    path_slices.append([g, start, ir3.dim])
+                    start += ir3.dim
+                cg_off += c.numel()
+                rep_off += d3_total
+                w_off += mul * len(outs)
+        if not groups:
+            raise ValueError(f"no allowed tensor-product path from {self.irreps_in} x {self.irreps_sh}")
+        self.groups: List[List[int]] = groups
+        self.path_slices: List[List[int]] = path_slices
+        self.register_buffer("cg", torch.cat(cg_chunks).to(torch.get_default_dtype()))
+        self.register_buffer("rep", torch.cat(rep_chunks))
+        self.irreps_out = Irreps(out_blocks)
+        self.weight_numel = w_off
+
+    def forward(self, x: Tensor, sh: Tensor, weight: Tensor) -> Tensor:
+        e = x.shape[0]
+        cg = self.cg.to(x.dtype)
+        group_out: List[Tensor] = []
+        for grp in self.groups:
+            in_start, mul, d1, sh_start, d2, cg_off, d3, rep_off, w_off, n_paths = (
+                grp[0], grp[1], grp[2], grp[3], grp[4], grp[5], grp[6], grp[7], grp[8], grp[9])
+            c = cg[cg_off:cg_off + d2 * d1 * d3].view(d2, d1 * d3)
+            m = (sh[:, sh_start:sh_start + d2] @ c).view(e, d1, d3)          # [E, d1, d3]
+            xb = x[:, in_start:in_start + mul * d1].reshape(e, mul, d1)      # [E, mul, d1]
+            y = torch.bmm(xb, m)                                              # [E, mul, d3]
+            w = weight[:, w_off:w_off + n_paths * mul].reshape(e, n_paths, mul).transpose(1, 2)
+            y = y * w.index_select(2, self.rep[rep_off:rep_off + d3])         # [E, mul, d3]
+            group_out.append(y)
+        parts: List[Tensor] = []
+        for ps in self.path_slices:
+            y = group_out[ps[0]]
+            parts.append(y[:, :, ps[1]:ps[1] + ps[2]].reshape(e, y.shape[1] * ps[2]))
+        return torch.cat(parts, dim=1)
