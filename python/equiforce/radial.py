@@ -29,7 +29,9 @@ def polynomial_cutoff(r: Tensor, r_max: float, p: int = 6) -> Tensor:
 class BesselBasis(nn.Module):
     """``b_n(r) = sqrt(2/r_max) sin(n pi r / r_max) / r`` for n = 1..num_basis, [E] -> [E, num_basis].
 
-    Written with ``torch.sinc`` so it is finite (and smooth) at r = 0.
+    At r = 0 it takes its limit ``sqrt(2/r_max) n pi / r_max``; the r = 0 branch is masked with a
+    double ``where`` so first and second derivatives stay finite (``torch.sinc`` gives NaN second
+    derivatives at 0, which training on forces needs).
     """
 
     def __init__(self, r_max: float, num_basis: int = 8):
@@ -40,9 +42,11 @@ class BesselBasis(nn.Module):
         self.prefactor = math.sqrt(2.0 / self.r_max)
 
     def forward(self, r: Tensor) -> Tensor:
-        n = self.n.to(r.dtype)
-        x = r.unsqueeze(-1) / self.r_max  # [E, 1]
-        return self.prefactor * (n * math.pi / self.r_max) * torch.sinc(n * x)
+        k = self.n.to(r.dtype) * (math.pi / self.r_max)  # [num_basis]
+        r = r.unsqueeze(-1)  # [E, 1]
+        nonzero = r > 0
+        r_safe = torch.where(nonzero, r, torch.ones_like(r))
+        return self.prefactor * torch.where(nonzero, torch.sin(k * r_safe) / r_safe, k.expand(r.shape[0], -1))
 
 
 class RadialMLP(nn.Module):

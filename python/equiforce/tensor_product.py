@@ -80,7 +80,8 @@ class EdgeTensorProduct(nn.Module):
             raise ValueError(f"no allowed tensor-product path from {self.irreps_in} x {self.irreps_sh}")
         self.groups: List[List[int]] = groups
         self.path_slices: List[List[int]] = path_slices
-        self.register_buffer("cg", torch.cat(cg_chunks).to(torch.get_default_dtype()))
+        # kept in float64 whatever the default dtype; model.to(dtype) casts it once
+        self.register_buffer("cg", torch.cat(cg_chunks))
         self.register_buffer("rep", torch.cat(rep_chunks))
         self.irreps_out = Irreps(out_blocks)
         self.weight_numel = w_off

@@ -1,0 +1,272 @@
+"""Physics of the learned model: invariances, conservative forces, stress, locality, smoothness.
+
+All float64 unless stated. Edges come from ASE's ``neighbor_list`` (an independent reference),
+so these tests do not depend on equiforce's own neighbour list.
+"""
+import ase
+import numpy as np
+import pytest
+import torch
+from ase.neighborlist import neighbor_list
+
+from equiforce.export import export_model, load_exported
+from equiforce.forces import energy_forces_virial
+from equiforce.model import EquiforceModel, ModelConfig
+
+F64 = torch.float64
+SPECIES = ["H", "C", "O"]
+
+
+def make_model(symmetry="O3", seed=0, dtype=F64, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(r_max=3.5, channels=8, lmax=2, num_layers=3, num_bessel=6, radial_hidden=16, symmetry=symmetry,
+               avg_num_neighbors=4.0)
+    cfg.update(kw)
+    model = EquiforceModel(ModelConfig(**cfg), SPECIES).to(dtype)
+    model.set_scale_shift(torch.tensor([0.7, 1.3, 0.9]), torch.tensor([-13.6, -1029.8, -2041.1]))
+    return model
+
+
+def graph(atoms: ase.Atoms, r_max: float, dtype=F64):
+    i, j, S = neighbor_list("ijS", atoms, r_max)
+    pos = torch.tensor(atoms.positions, dtype=dtype)
+    species = torch.tensor([SPECIES.index(s) for s in atoms.get_chemical_symbols()])
+    edge_index = torch.tensor(np.stack([i, j]), dtype=torch.long)
+    shift = torch.tensor(S @ atoms.cell.array, dtype=dtype)
+    return pos, species, edge_index, shift
+
+
+def evaluate(model, atoms, dtype=F64, pos=None, shift=None):
+    p, species, edge_index, s = graph(atoms, model.r_max, dtype)
+    p = p if pos is None else pos
+    s = s if shift is None else shift
+    batch = torch.zeros(len(atoms), dtype=torch.long)
+    e, per_atom, f, v = energy_forces_virial(model, p, species, edge_index, s, batch, 1)
+    return e[0].detach(), per_atom.detach(), f.detach(), v[0].detach()
+
+
+def molecule(seed=0, n=8) -> ase.Atoms:
+    rng = np.random.default_rng(seed)
+    pos = rng.normal(size=(n, 3)) * 1.2
+    symbols = [SPECIES[k % 3] for k in range(n)]
+    return ase.Atoms(symbols, positions=pos)
+
+
+def periodic(seed=0, n=10) -> ase.Atoms:
+    rng = np.random.default_rng(seed)
+    cell = np.array([[4.2, 0.0, 0.0], [0.9, 4.0, 0.0], [-0.6, 0.7, 4.4]])
+    frac = rng.uniform(size=(n, 3))
+    return ase.Atoms([SPECIES[k % 3] for k in range(n)], scaled_positions=frac, cell=cell, pbc=True)
+
+
+def random_rotation(seed, improper=False):
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return -q if improper else q
+
+
+@pytest.mark.parametrize("make", [molecule, periodic])
+@pytest.mark.parametrize("improper", [False, True])
+def test_energy_invariant_forces_equivariant_o3(make, improper):
+    model = make_model("O3")
+    atoms = make(1)
+    e, _, f, v = evaluate(model, atoms)
+    R = random_rotation(2, improper)
+    rot = atoms.copy()
+    rot.positions = atoms.positions @ R.T
+    if atoms.pbc.any():
+        rot.cell = atoms.cell.array @ R.T
+    e2, _, f2, v2 = evaluate(model, rot)
+    Rt = torch.tensor(R)
+    assert abs(e2 - e) < 1e-10 * max(1.0, abs(e))
+    assert (f2 - f @ Rt.T).abs().max() < 1e-10
+    assert (v2 - Rt @ v @ Rt.T).abs().max() < 1e-10
+
+
+def test_translation_and_permutation_invariance():
+    model = make_model("O3")
+    atoms = molecule(3)
+    e, pa, f, _ = evaluate(model, atoms)
+    moved = atoms.copy()
+    moved.positions += np.array([3.1, -7.2, 0.4])
+    assert abs(evaluate(model, moved)[0] - e) < 1e-10
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    permuted = atoms[perm]
+    e3, pa3, f3, _ = evaluate(model, permuted)
+    assert abs(e3 - e) < 1e-10
+    assert (f3 - f[perm]).abs().max() < 1e-10
+    assert (pa3 - pa[perm]).abs().max() < 1e-10
+
+
+def chiral_structure() -> ase.Atoms:
+    """A tetrahedral centre with four different neighbours (three species + a longer bond)."""
+    return ase.Atoms("CHOHO", positions=[[0, 0, 0], [1.0, 0.1, 0.0], [-0.3, 1.1, 0.1], [-0.4, -0.5, 0.9],
+                                           [-0.2, -0.6, -1.3]])
+
+
+def test_se3_distinguishes_mirror_images_o3_does_not():
+    atoms = chiral_structure()
+    mirror = atoms.copy()
+    mirror.positions[:, 0] *= -1
+    e_o3 = make_model("O3", seed=4)
+    assert abs(evaluate(e_o3, atoms)[0] - evaluate(e_o3, mirror)[0]) < 1e-10
+    se3 = make_model("SE3", seed=4)
+    e_a, e_b = evaluate(se3, atoms)[0], evaluate(se3, mirror)[0]
+    assert abs(e_a - e_b) > 1e-6
+    # SE(3) is still exactly rotation invariant
+    rot = atoms.copy()
+    rot.positions = atoms.positions @ random_rotation(5).T
+    assert abs(evaluate(se3, rot)[0] - e_a) < 1e-10
+
+
+@pytest.mark.parametrize("make", [molecule, periodic])
+def test_forces_match_central_finite_differences(make):
+    model = make_model("O3", seed=1)
+    atoms = make(4)
+    _, _, f, _ = evaluate(model, atoms)
+    p0, species, edge_index, shift = graph(atoms, model.r_max)
+    h = 1e-5
+    fd = torch.zeros_like(f)
+    for a in range(len(atoms)):
+        for k in range(3):
+            plus, minus = p0.clone(), p0.clone()
+            plus[a, k] += h
+            minus[a, k] -= h
+            fd[a, k] = -(evaluate(model, atoms, pos=plus)[0] - evaluate(model, atoms, pos=minus)[0]) / (2 * h)
+    assert (f - fd).norm() / f.norm() < 1e-6
+
+
+def test_stress_matches_finite_strain():
+    model = make_model("O3", seed=2)
+    atoms = periodic(5)
+    _, _, _, virial = evaluate(model, atoms)
+    volume = atoms.get_volume()
+    stress = -virial / volume
+    p0, _, _, s0 = graph(atoms, model.r_max)
+    h = 1e-6
+    fd = torch.zeros(3, 3, dtype=F64)
+    for a in range(3):
+        for b in range(3):
+            def energy(eps):
+                strain = torch.eye(3, dtype=F64)
+                strain[a, b] += eps
+                return evaluate(model, atoms, pos=p0 @ strain.T, shift=s0 @ strain.T)[0]
+            fd[a, b] = (energy(h) - energy(-h)) / (2 * h) / volume
+    assert (stress - fd).abs().max() < 1e-6 * max(1e-3, float(fd.abs().max()))
+    assert (stress - stress.T).abs().max() < 1e-12
+
+
+def test_per_atom_energies_sum_to_total_and_batching():
+    model = make_model("O3", seed=3)
+    a, b = molecule(6, 5), periodic(7, 6)
+    ea, pa, fa, va = evaluate(model, a)
+    eb, pb, fb, vb = evaluate(model, b)
+    assert abs(pa.sum() - ea) < 1e-10
+    ga, gb = graph(a, model.r_max), graph(b, model.r_max)
+    pos = torch.cat([ga[0], gb[0]])
+    species = torch.cat([ga[1], gb[1]])
+    edge_index = torch.cat([ga[2], gb[2] + len(a)], dim=1)
+    shift = torch.cat([ga[3], gb[3]])
+    batch = torch.tensor([0] * len(a) + [1] * len(b))
+    e, _, f, v = energy_forces_virial(model, pos, species, edge_index, shift, batch, 2)
+    assert torch.allclose(e, torch.stack([ea, eb]), atol=1e-10, rtol=0)
+    assert (f - torch.cat([fa, fb])).abs().max() < 1e-10
+    assert (v - torch.stack([va, vb])).abs().max() < 1e-10
+
+
+def test_lattice_translation_of_an_atom_changes_nothing():
+    model = make_model("O3", seed=8)
+    atoms = periodic(9)
+    e, _, f, v = evaluate(model, atoms)
+    moved = atoms.copy()
+    moved.positions[2] += atoms.cell.array[0] - 2 * atoms.cell.array[2]
+    e2, _, f2, v2 = evaluate(model, moved)
+    assert abs(e2 - e) < 1e-10 and (f2 - f).abs().max() < 1e-10 and (v2 - v).abs().max() < 1e-10
+
+
+def test_isolated_atom_returns_exactly_its_shift_and_far_apart_molecules_add():
+    model = make_model("O3", seed=9)
+    for s, name in enumerate(SPECIES):
+        e, _, f, _ = evaluate(model, ase.Atoms(name, positions=[[0.3, 0.2, 0.1]]))
+        assert float(e) == pytest.approx(float(model.shift[s]), abs=1e-12)
+        assert f.abs().max() == 0
+    a, b = molecule(10, 5), molecule(11, 4)
+    far = b.copy()
+    far.positions += np.array([100.0, 0, 0])
+    both = a + far
+    assert abs(evaluate(model, both)[0] - evaluate(model, a)[0] - evaluate(model, b)[0]) < 1e-10
+
+
+def test_energy_and_forces_continuous_across_cutoff():
+    model = make_model("O3", seed=10)
+    r_max = model.r_max
+    iso = sum(float(model.shift[SPECIES.index(s)]) for s in "CO")
+    for d in (r_max - 1e-4, r_max - 1e-7, r_max + 1e-7):
+        e, _, f, _ = evaluate(model, ase.Atoms("CO", positions=[[0, 0, 0], [0, 0, d]]))
+        gap = max(0.0, r_max - d)
+        assert abs(float(e) - iso) < 1e3 * gap ** 5 + 1e-11
+        assert f.abs().max() < 1e3 * gap ** 4 + 1e-11
+
+
+def test_coinciding_atoms_and_axis_aligned_bonds_give_no_nan():
+    model = make_model("O3", seed=11)
+    atoms = ase.Atoms("CHHO", positions=[[0, 0, 0], [0, 0, 0], [0, 0, 1.1], [0, 0, -1.2]])
+    p, species, edge_index, shift = graph(atoms, model.r_max)
+    p.requires_grad_(True)
+    e, _, f, _ = energy_forces_virial(model, p, species, edge_index, shift, torch.zeros(4, dtype=torch.long), 1,
+                                      create_graph=True)
+    loss = e.sum() + (f ** 2).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert torch.isfinite(e).all() and torch.isfinite(f).all()
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    # an atom coinciding with its own periodic image cannot happen, but an image at the cutoff edge can
+    small = ase.Atoms("C", positions=[[0, 0, 0]], cell=np.eye(3) * 1.7, pbc=True)
+    e2, _, f2, v2 = evaluate(model, small)
+    assert torch.isfinite(e2) and f2.abs().max() < 1e-10 and torch.isfinite(v2).all()
+
+
+def test_exported_file_equals_eager_model(tmp_path):
+    model = make_model("O3", seed=12)
+    atoms = periodic(13)
+    e, pa, f, v = evaluate(model, atoms)
+    pos, species, edge_index, shift = graph(atoms, model.r_max)
+    cell = torch.tensor(atoms.cell.array)
+    path = str(tmp_path / "m.pt")
+    meta = export_model(model.for_export(), path, F64, symmetry="O3",
+                        check_structure=(pos, species, edge_index, shift, cell))
+    assert meta["species"] == SPECIES and meta["num_layers"] == 3 and meta["r_max"] == 3.5
+    module, meta2 = load_exported(path)
+    assert meta2 == meta
+    e2, pa2, f2, v2 = module(pos, species, edge_index, shift, cell, len(atoms))
+    assert abs(e2 - e) < 1e-12 * max(1.0, abs(float(e)))
+    assert (pa2 - pa).abs().max() < 1e-12 * max(1.0, float(pa.abs().max()))
+    assert (f2 - f).abs().max() < 1e-12
+    assert (v2 - v).abs().max() < 1e-12
+    # the eager model is untouched by for_export()
+    assert model.online_isolated
+
+
+def test_float32_model_is_invariant_to_float32_precision():
+    model = make_model("O3", seed=14, dtype=torch.float32)
+    atoms = molecule(15)
+    e = evaluate(model, atoms, torch.float32)[0]
+    rot = atoms.copy()
+    rot.positions = atoms.positions @ random_rotation(16, improper=True).T
+    assert abs(evaluate(model, rot, torch.float32)[0] - e) < 1e-4 * max(1.0, abs(float(e)))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(r_max=0.0), "r_max must be a positive cutoff"),
+    (dict(r_max=-1.0), "r_max must be a positive cutoff"),
+    (dict(symmetry="E3"), "symmetry must be one of"),
+    (dict(lmax=9), "lmax must be an integer"),
+    (dict(channels=0), "channels must be an integer"),
+])
+def test_bad_model_settings_are_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EquiforceModel(ModelConfig(**bad), SPECIES)
+    with pytest.raises(ValueError, match="unknown model settings"):
+        ModelConfig.from_dict({"rmax": 5.0})
