@@ -16,7 +16,8 @@ from .irreps import Irreps
 
 
 class Gate(nn.Module):
-    scalar_blocks: List[List[int]]
+    split_sizes: List[int]
+    scalar_odd: List[int]
     gated_blocks: List[List[int]]
 
     def __init__(self, irreps_scalars: Irreps, irreps_gated: Irreps):
@@ -32,17 +33,15 @@ class Gate(nn.Module):
         self.irreps_gates = Irreps([(self.irreps_gated.num_irreps, (0, 1))]) if len(self.irreps_gated) else Irreps()
         self.irreps_in = Irreps(list(self.irreps_scalars) + list(self.irreps_gates) + list(self.irreps_gated))
         self.irreps_out = Irreps(list(self.irreps_scalars) + list(self.irreps_gated))
-        # scalar blocks: [start, stop, odd]
-        self.scalar_blocks: List[List[int]] = []
-        for (start, stop), m in zip(self.irreps_scalars.slices(), self.irreps_scalars):
-            self.scalar_blocks.append([start, stop, 1 if m.ir.p == -1 else 0])
-        self.n_scalars = self.irreps_scalars.dim
-        self.n_gates = self.irreps_gates.dim
-        # gated blocks: [start (within gated part), mul, d, gate_start]
+        # one split of the input: scalar blocks, the gates, gated blocks
+        self.split_sizes: List[int] = [m.dim for m in self.irreps_scalars] + \
+            ([self.irreps_gates.dim] if len(self.irreps_gated) else []) + [m.dim for m in self.irreps_gated]
+        self.scalar_odd: List[int] = [1 if m.ir.p == -1 else 0 for m in self.irreps_scalars]
+        # gated blocks: [mul, d, first gate]
         self.gated_blocks: List[List[int]] = []
         g = 0
-        for (start, stop), m in zip(self.irreps_gated.slices(), self.irreps_gated):
-            self.gated_blocks.append([start, m.mul, m.ir.dim, g])
+        for m in self.irreps_gated:
+            self.gated_blocks.append([m.mul, m.ir.dim, g])
             g += m.mul
         self.dim_in = self.irreps_in.dim
         self.silu = NormalizedSiLU()
@@ -54,15 +53,15 @@ class Gate(nn.Module):
         if x.shape[1] != self.dim_in:
             raise ValueError("Gate input has the wrong dimension")
         n = x.shape[0]
+        blocks = torch.split(x, self.split_sizes, dim=1)
+        ns = len(self.scalar_odd)
         parts: List[Tensor] = []
-        for blk in self.scalar_blocks:
-            s = x[:, blk[0]:blk[1]]
-            parts.append(self.tanh(s) if blk[2] == 1 else self.silu(s))
-        if self.n_gates > 0:
-            gates = self.sigmoid(x[:, self.n_scalars:self.n_scalars + self.n_gates])
-            base = self.n_scalars + self.n_gates
-            for blk in self.gated_blocks:
-                start, mul, d, g = blk[0], blk[1], blk[2], blk[3]
-                v = x[:, base + start:base + start + mul * d].reshape(n, mul, d)
+        for k, odd in enumerate(self.scalar_odd):
+            parts.append(self.tanh(blocks[k]) if odd == 1 else self.silu(blocks[k]))
+        if len(self.gated_blocks) > 0:
+            gates = self.sigmoid(blocks[ns])
+            for k, blk in enumerate(self.gated_blocks):
+                mul, d, g = blk[0], blk[1], blk[2]
+                v = blocks[ns + 1 + k].view(n, mul, d)
                 parts.append((v * gates[:, g:g + mul].unsqueeze(-1)).reshape(n, mul * d))
         return torch.cat(parts, dim=1)

@@ -6,7 +6,7 @@ Weights start N(0, 1) and are scaled by ``1/sqrt(fan_in)`` in the forward pass, 
 the total multiplicity of inputs feeding an output block.
 """
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -15,18 +15,17 @@ from .irreps import Irreps
 
 
 def _instructions(irreps_in: Irreps, irreps_out: Irreps, n_copies: int) -> Tuple[List[List[int]], List[float], int]:
-    """Paths ``[in_start, mul_in, out_start, mul_out, d, w_offset]``, their 1/sqrt(fan_in) scales,
+    """Paths ``[in_block, mul_in, out_block, mul_out, d, w_offset]``, their 1/sqrt(fan_in) scales,
     and the number of weights (``n_copies`` independent weight sets, e.g. one per species)."""
     ins: List[List[int]] = []
     scales: List[float] = []
     offset = 0
-    in_slices, out_slices = irreps_in.slices(), irreps_out.slices()
     for o, (mul_o, ir_o) in enumerate(irreps_out):
         fan_in = sum(m.mul for m in irreps_in if m.ir == ir_o)
         for i, (mul_i, ir_i) in enumerate(irreps_in):
             if ir_i != ir_o or mul_i == 0 or mul_o == 0:
                 continue
-            ins.append([in_slices[i][0], mul_i, out_slices[o][0], mul_o, ir_o.dim, offset])
+            ins.append([i, mul_i, o, mul_o, ir_o.dim, offset])
             scales.append(1.0 / math.sqrt(fan_in))
             offset += n_copies * mul_i * mul_o
     return ins, scales, offset
@@ -41,6 +40,8 @@ class Linear(nn.Module):
 
     instructions: List[List[int]]
     scales: List[float]
+    in_sizes: List[int]
+    out_sizes: List[int]
 
     def __init__(self, irreps_in: Irreps, irreps_out: Irreps, bias: bool = False):
         super().__init__()
@@ -49,6 +50,8 @@ class Linear(nn.Module):
         ins, scales, n_w = _instructions(self.irreps_in, self.irreps_out, 1)
         self.instructions: List[List[int]] = ins
         self.scales: List[float] = scales
+        self.in_sizes: List[int] = [m.dim for m in self.irreps_in]
+        self.out_sizes: List[int] = [m.dim for m in self.irreps_out]
         self.weight = nn.Parameter(torch.randn(n_w))
         self.dim_out = self.irreps_out.dim
         scalar_mask = torch.zeros(self.dim_out)
@@ -61,13 +64,18 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        out = torch.zeros((n, self.dim_out), dtype=x.dtype, device=x.device)
+        xs = torch.split(x, self.in_sizes, dim=1)
+        outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
         for k, ins in enumerate(self.instructions):
-            in_start, mul_i, out_start, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
+            i, mul_i, o, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
             w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
-            xb = x[:, in_start:in_start + mul_i * d].reshape(n, mul_i, d)
-            yb = torch.einsum("nud,uw->nwd", xb, w).reshape(n, mul_o * d)
-            out[:, out_start:out_start + mul_o * d] += yb
+            if d == 1:
+                yb = xs[i] @ w
+            else:
+                yb = torch.einsum("nud,uw->nwd", xs[i].view(n, mul_i, d), w).reshape(n, mul_o * d)
+            cur = outs[o]
+            outs[o] = yb if cur is None else cur + yb
+        out = _assemble(outs, self.out_sizes, x)
         if self.use_bias:
             out = out + self.bias * self.bias_mask
         return out
@@ -82,6 +90,8 @@ class SpeciesLinear(nn.Module):
 
     instructions: List[List[int]]
     scales: List[float]
+    in_sizes: List[int]
+    out_sizes: List[int]
 
     def __init__(self, irreps_in: Irreps, irreps_out: Irreps, num_species: int):
         super().__init__()
@@ -91,17 +101,37 @@ class SpeciesLinear(nn.Module):
         ins, scales, n_w = _instructions(self.irreps_in, self.irreps_out, self.num_species)
         self.instructions: List[List[int]] = ins
         self.scales: List[float] = scales
+        self.in_sizes: List[int] = [m.dim for m in self.irreps_in]
+        self.out_sizes: List[int] = [m.dim for m in self.irreps_out]
         self.weight = nn.Parameter(torch.randn(n_w))
         self.dim_out = self.irreps_out.dim
 
     def forward(self, x: Tensor, species: Tensor) -> Tensor:
         n = x.shape[0]
         s = self.num_species
-        out = torch.zeros((n, self.dim_out), dtype=x.dtype, device=x.device)
+        xs = torch.split(x, self.in_sizes, dim=1)
+        outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
         for k, ins in enumerate(self.instructions):
-            in_start, mul_i, out_start, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
+            i, mul_i, o, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
             w = self.weight[off:off + s * mul_i * mul_o].view(s, mul_i, mul_o) * self.scales[k]
-            xb = x[:, in_start:in_start + mul_i * d].reshape(n, mul_i, d)
-            yb = torch.bmm(w.index_select(0, species).transpose(1, 2), xb)  # [n, mul_o, d]
-            out[:, out_start:out_start + mul_o * d] += yb.reshape(n, mul_o * d)
-        return out
+            xb = xs[i].view(n, mul_i, d)
+            if s == 1:
+                yb = torch.einsum("nud,uw->nwd", xb, w[0])
+            else:
+                yb = torch.bmm(w.index_select(0, species).transpose(1, 2), xb)  # [n, mul_o, d]
+            yb = yb.reshape(n, mul_o * d)
+            cur = outs[o]
+            outs[o] = yb if cur is None else cur + yb
+        return _assemble(outs, self.out_sizes, x)
+
+
+def _assemble(outs: List[Optional[Tensor]], sizes: List[int], like: Tensor) -> Tensor:
+    """Concatenate output blocks; a block nothing maps to is zero."""
+    parts: List[Tensor] = []
+    for o, size in enumerate(sizes):
+        blk = outs[o]
+        if blk is None:
+            parts.append(torch.zeros((like.shape[0], size), dtype=like.dtype, device=like.device))
+        else:
+            parts.append(blk)
+    return torch.cat(parts, dim=1)

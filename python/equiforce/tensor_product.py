@@ -35,18 +35,20 @@ class EdgeTensorProduct(nn.Module):
     """
 
     groups: List[List[int]]
-    path_slices: List[List[int]]
+    group_d3: List[List[int]]
+    in_sizes: List[int]
+    sh_sizes: List[int]
+    group_w_sizes: List[int]
 
     def __init__(self, irreps_in: Irreps, irreps_sh: Irreps, allowed_out: Set[Irrep]):
         super().__init__()
         self.irreps_in = Irreps(irreps_in)
         self.irreps_sh = Irreps(irreps_sh)
-        in_slices, sh_slices = self.irreps_in.slices(), self.irreps_sh.slices()
         groups: List[List[int]] = []
         cg_chunks: List[torch.Tensor] = []
         rep_chunks: List[torch.Tensor] = []
         out_blocks: List[Tuple[int, Tuple[int, int]]] = []
-        path_slices: List[List[int]] = []  # [group, start in group's last axis, d3]
+        group_d3: List[List[int]] = []  # output dimension of each path of each group
         cg_off, rep_off, w_off = 0, 0, 0
         for i1, (mul, ir1) in enumerate(self.irreps_in):
             for i2, (mul2, ir2) in enumerate(self.irreps_sh):
@@ -65,21 +67,20 @@ class EdgeTensorProduct(nn.Module):
                 # which path each output column belongs to (local index inside the group)
                 rep = torch.cat([torch.full((ir3.dim,), k, dtype=torch.long) for k, ir3 in enumerate(outs)])
                 rep_chunks.append(rep)
-                g = len(groups)
-                groups.append([in_slices[i1][0], mul, d1, sh_slices[i2][0], d2, cg_off, d3_total,
-                               rep_off, w_off, len(outs)])
-                start = 0
+                groups.append([i1, mul, d1, i2, d2, cg_off, d3_total, rep_off, len(outs)])
+                group_d3.append([ir3.dim for ir3 in outs])
                 for ir3 in outs:
                     out_blocks.append((mul, (ir3.l, ir3.p)))
-                    path_slices.append([g, start, ir3.dim])
-                    start += ir3.dim
                 cg_off += c.numel()
                 rep_off += d3_total
                 w_off += mul * len(outs)
         if not groups:
             raise ValueError(f"no allowed tensor-product path from {self.irreps_in} x {self.irreps_sh}")
         self.groups: List[List[int]] = groups
-        self.path_slices: List[List[int]] = path_slices
+        self.group_d3: List[List[int]] = group_d3
+        self.in_sizes: List[int] = [m.dim for m in self.irreps_in]
+        self.sh_sizes: List[int] = [m.dim for m in self.irreps_sh]
+        self.group_w_sizes: List[int] = [g[1] * g[8] for g in groups]
         # kept in float64 whatever the default dtype; model.to(dtype) casts it once
         self.register_buffer("cg", torch.cat(cg_chunks))
         self.register_buffer("rep", torch.cat(rep_chunks))
@@ -87,21 +88,28 @@ class EdgeTensorProduct(nn.Module):
         self.weight_numel = w_off
 
     def forward(self, x: Tensor, sh: Tensor, weight: Tensor) -> Tensor:
+        # split once (one concatenating backward) rather than slicing per path
         e = x.shape[0]
         cg = self.cg.to(x.dtype)
-        group_out: List[Tensor] = []
-        for grp in self.groups:
-            in_start, mul, d1, sh_start, d2, cg_off, d3, rep_off, w_off, n_paths = (
-                grp[0], grp[1], grp[2], grp[3], grp[4], grp[5], grp[6], grp[7], grp[8], grp[9])
-            c = cg[cg_off:cg_off + d2 * d1 * d3].view(d2, d1 * d3)
-            m = (sh[:, sh_start:sh_start + d2] @ c).view(e, d1, d3)          # [E, d1, d3]
-            xb = x[:, in_start:in_start + mul * d1].reshape(e, mul, d1)      # [E, mul, d1]
-            y = torch.bmm(xb, m)                                              # [E, mul, d3]
-            w = weight[:, w_off:w_off + n_paths * mul].reshape(e, n_paths, mul).transpose(1, 2)
-            y = y * w.index_select(2, self.rep[rep_off:rep_off + d3])         # [E, mul, d3]
-            group_out.append(y)
+        xs = torch.split(x, self.in_sizes, dim=1)
+        shs = torch.split(sh, self.sh_sizes, dim=1)
+        ws = torch.split(weight, self.group_w_sizes, dim=1)
         parts: List[Tensor] = []
-        for ps in self.path_slices:
-            y = group_out[ps[0]]
-            parts.append(y[:, :, ps[1]:ps[1] + ps[2]].reshape(e, y.shape[1] * ps[2]))
+        for k, grp in enumerate(self.groups):
+            i1, mul, d1, i2, d2, cg_off, d3, rep_off, n_paths = (
+                grp[0], grp[1], grp[2], grp[3], grp[4], grp[5], grp[6], grp[7], grp[8])
+            c = cg[cg_off:cg_off + d2 * d1 * d3].view(d2, d1 * d3)
+            m = (shs[i2] @ c).view(e, d1, d3)                                  # [E, d1, d3]
+            xb = xs[i1].view(e, mul, d1)                                       # [E, mul, d1]
+            if d1 == 1:
+                y = xb * m                                                     # [E, mul, d3]
+            else:
+                y = torch.bmm(xb, m)                                           # [E, mul, d3]
+            w = ws[k].view(e, n_paths, mul).transpose(1, 2)                    # [E, mul, n_paths]
+            if n_paths == 1:
+                y = y * w
+            else:
+                y = y * w.index_select(2, self.rep[rep_off:rep_off + d3])
+            for yp in torch.split(y, self.group_d3[k], dim=2):
+                parts.append(yp.reshape(e, yp.shape[1] * yp.shape[2]))
         return torch.cat(parts, dim=1)

@@ -1,0 +1,146 @@
+"""Symmetry audit of any exported model file (``equiforce check model.pt``).
+
+Runs the exported TorchScript module on random structures made of the model's own species and
+checks, with the worst error of each:
+
+* rotation: energy invariant, forces and virial rotate with the structure;
+* reflection: energy invariant (O(3) models only; SE(3) models may tell mirror images apart);
+* translation and permutation of atoms: energy invariant, forces follow;
+* periodic images: moving an atom by a lattice vector changes nothing;
+* conservative forces: forces equal central finite differences of the energy.
+
+A model that breaks a symmetry (a bug, or a hand-made module) fails the corresponding line.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .export import load_exported
+from .neighbors import neighbor_list
+
+
+@dataclass
+class CheckResult:
+    name: str
+    worst: float          # worst relative error found
+    tolerance: float
+    applicable: bool = True
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return (not self.applicable) or self.worst <= self.tolerance
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _random_molecule(rng: np.random.Generator, n: int, r_max: float) -> np.ndarray:
+    """A connected random cluster [n, 3] (Å): each atom 0.9-1.6 Å from an earlier one, none closer than 0.8 Å."""
+    pos = [np.zeros(3)]
+    while len(pos) < n:
+        base = pos[rng.integers(len(pos))]
+        d = rng.normal(size=3)
+        cand = base + d / np.linalg.norm(d) * rng.uniform(0.9, min(1.6, 0.9 * r_max))
+        if min(np.linalg.norm(cand - p) for p in pos) > 0.8:
+            pos.append(cand)
+    return np.array(pos)
+
+
+class Auditor:
+    """Holds the module and evaluates (energy, forces, virial) of a structure in the model's dtype."""
+
+    def __init__(self, path: str):
+        self.module, self.meta = load_exported(path)
+        self.dtype = torch.float64 if self.meta["dtype"] == "float64" else torch.float32
+        self.r_max = float(self.meta["r_max"])
+
+    def __call__(self, pos: np.ndarray, species: np.ndarray, cell: Optional[np.ndarray]) -> Tuple[float, np.ndarray, np.ndarray]:
+        p = torch.tensor(pos, dtype=self.dtype)
+        c = torch.tensor(cell if cell is not None else np.zeros((3, 3)), dtype=self.dtype)
+        pbc = torch.tensor([cell is not None] * 3)
+        edge_index, shift, _ = neighbor_list(p, self.r_max, c, pbc)
+        e, _, f, v = self.module(p, torch.tensor(species, dtype=torch.long), edge_index, shift, c, len(pos))
+        return float(e), f.double().numpy(), v.double().numpy()
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+
+
+def run_checks(path: str, seed: int = 0, n_atoms: int = 8) -> Tuple[dict, List[CheckResult]]:
+    aud = Auditor(path)
+    rng = np.random.default_rng(seed)
+    s = len(aud.meta["species"])
+    tol = 1e-8 if aud.dtype == torch.float64 else 2e-4
+    species = np.arange(n_atoms) % s
+    pos = _random_molecule(rng, n_atoms, aud.r_max)
+    cell = np.diag([1.0, 1.0, 1.0]) * max(2.0 * aud.r_max / 3, 3.0) + rng.uniform(-0.3, 0.3, size=(3, 3))
+    pos_pbc = rng.uniform(size=(n_atoms, 3)) @ cell
+    e, f, v = aud(pos, species, None)
+    ep, fp, vp = aud(pos_pbc, species, cell)
+    results: List[CheckResult] = []
+
+    worst = 0.0
+    for _ in range(3):
+        R = _random_rotation(rng)
+        e2, f2, _ = aud(pos @ R.T, species, None)
+        e3, f3, v3 = aud(pos_pbc @ R.T, species, cell @ R.T)
+        worst = max(worst, _rel(e2, e), _rel(f2, f @ R.T), _rel(e3, ep), _rel(f3, fp @ R.T), _rel(v3, R @ vp @ R.T))
+    results.append(CheckResult("rotation", worst, tol))
+
+    o3 = aud.meta.get("symmetry") == "O3"
+    worst = 0.0
+    for _ in range(2):
+        R = -_random_rotation(rng)
+        e2, f2, _ = aud(pos @ R.T, species, None)
+        e3, f3, v3 = aud(pos_pbc @ R.T, species, cell @ R.T)
+        worst = max(worst, _rel(e2, e), _rel(f2, f @ R.T), _rel(e3, ep), _rel(f3, fp @ R.T))
+    results.append(CheckResult("reflection", worst, tol, applicable=o3,
+                               note="" if o3 else f"not required ({aud.meta.get('symmetry')} model)"))
+
+    t = rng.normal(size=3) * 5.0
+    e2, f2, _ = aud(pos + t, species, None)
+    perm = rng.permutation(n_atoms)
+    e3, f3, _ = aud(pos[perm], species[perm], None)
+    results.append(CheckResult("translation", max(_rel(e2, e), _rel(f2, f)), tol))
+    results.append(CheckResult("permutation", max(_rel(e3, e), _rel(f3, f[perm])), tol))
+
+    moved = pos_pbc.copy()
+    moved[0] += cell[0] - 2 * cell[2]
+    e2, f2, v2 = aud(moved, species, cell)
+    results.append(CheckResult("periodic image", max(_rel(e2, ep), _rel(f2, fp), _rel(v2, vp)), tol))
+
+    h = 1e-4 if aud.dtype == torch.float64 else 1e-2
+    fd = np.zeros_like(f)
+    for a in range(n_atoms):
+        for k in range(3):
+            plus, minus = pos.copy(), pos.copy()
+            plus[a, k] += h
+            minus[a, k] -= h
+            fd[a, k] = -(aud(plus, species, None)[0] - aud(minus, species, None)[0]) / (2 * h)
+    fd_err = float(np.linalg.norm(f - fd) / max(np.linalg.norm(fd), 1e-12))
+    results.append(CheckResult("finite-difference forces", fd_err, 1e-6 if aud.dtype == torch.float64 else 5e-2))
+    return aud.meta, results
+
+
+def format_table(meta: dict, results: List[CheckResult]) -> str:
+    lines = [f"model: species {meta['species']}, r_max {meta['r_max']} Å, {meta['num_layers']} layers, "
+             f"{meta['dtype']}, symmetry {meta.get('symmetry')}",
+             f"{'check':<26}{'worst rel. error':>18}{'tolerance':>12}  result"]
+    for r in results:
+        status = "PASS" if r.passed and r.applicable else ("n/a" if not r.applicable else "FAIL")
+        lines.append(f"{r.name:<26}{r.worst:>18.3e}{r.tolerance:>12.1e}  {status} {r.note}".rstrip())
+    ok = all(r.passed for r in results)
+    lines.append("all checks passed" if ok else "SOME CHECKS FAILED")
+    return "\n".join(lines)
