@@ -1,0 +1,2 @@
+"""ASE interface: ``from equiforce.ase import EquiforceCalculator``."""
+from .ase_calculator import EquiforceCalculator  # noqa: F401
