@@ -1,0 +1,356 @@
+// equiforce C++ runtime, see equiforce_model.h.
+#include "equiforce_model.h"
+
+#include <cctype>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+
+#include <torch/csrc/jit/runtime/graph_executor.h>
+#include <torch/cuda.h>
+
+namespace equiforce {
+
+namespace {
+
+// ---- a tiny JSON reader (objects, arrays, strings, numbers, true/false/null) -------------------
+
+struct JsonValue {
+  enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
+  bool b = false;
+  double num = 0.0;
+  std::string str;
+  std::vector<JsonValue> arr;
+  std::map<std::string, JsonValue> obj;
+};
+
+class JsonReader {
+ public:
+  explicit JsonReader(const std::string &text) : s_(text) {}
+
+  JsonValue parse() {
+    JsonValue v = value();
+    skip();
+    if (i_ != s_.size()) fail("trailing characters");
+    return v;
+  }
+
+ private:
+  const std::string &s_;
+  size_t i_ = 0;
+
+  [[noreturn]] void fail(const std::string &what) const {
+    throw Error("invalid JSON at character " + std::to_string(i_) + ": " + what);
+  }
+  void skip() {
+    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
+  }
+  char peek() {
+    skip();
+    if (i_ >= s_.size()) fail("unexpected end");
+    return s_[i_];
+  }
+  void expect(char c) {
+    if (peek() != c) fail(std::string("expected '") + c + "'");
+    ++i_;
+  }
+  bool literal(const char *word) {
+    size_t n = std::char_traits<char>::length(word);
+    if (s_.compare(i_, n, word) == 0) {
+      i_ += n;
+      return true;
+    }
+    return false;
+  }
+
+  JsonValue value() {
+    JsonValue v;
+    char c = peek();
+    if (c == '{') {
+      v.kind = JsonValue::Object;
+      ++i_;
+      if (peek() == '}') {
+        ++i_;
+        return v;
+      }
+      while (true) {
+        if (peek() != '"') fail("expected a key string");
+        std::string key = string();
+        expect(':');
+        v.obj[key] = value();
+        if (peek() == ',') {
+          ++i_;
+          continue;
+        }
+        expect('}');
+        return v;
+      }
+    }
+    if (c == '[') {
+      v.kind = JsonValue::Array;
+      ++i_;
+      if (peek() == ']') {
+        ++i_;
+        return v;
+      }
+      while (true) {
+        v.arr.push_back(value());
+        if (peek() == ',') {
+          ++i_;
+          continue;
+        }
+        expect(']');
+        return v;
+      }
+    }
+    if (c == '"') {
+      v.kind = JsonValue::String;
+      v.str = string();
+      return v;
+    }
+    if (literal("true")) {
+      v.kind = JsonValue::Bool;
+      v.b = true;
+      return v;
+    }
+    if (literal("false")) {
+      v.kind = JsonValue::Bool;
+      return v;
+    }
+    if (literal("null")) return v;
+    // number
+    const char *start = s_.c_str() + i_;
+    char *end = nullptr;
+    v.num = std::strtod(start, &end);
+    if (end == start) fail("unexpected character");
+    v.kind = JsonValue::Number;
+    i_ += static_cast<size_t>(end - start);
+    return v;
+  }
+
+  std::string string() {
+    expect('"');
+    std::string out;
+    while (true) {
+      if (i_ >= s_.size()) fail("unterminated string");
+      char c = s_[i_++];
+      if (c == '"') return out;
+      if (c != '\\') {
+        out.push_back(c);
+        continue;
+      }
+      if (i_ >= s_.size()) fail("unterminated escape");
+      char e = s_[i_++];
+      switch (e) {
+        case 'n': out.push_back('\n'); break;
+        case 't': out.push_back('\t'); break;
+        case 'r': out.push_back('\r'); break;
+        case 'b': out.push_back('\b'); break;
+        case 'f': out.push_back('\f'); break;
+        case 'u': {  // keep ASCII, replace others (not needed for the keys read here)
+          if (i_ + 4 > s_.size()) fail("bad \\u escape");
+          unsigned code = std::stoul(s_.substr(i_, 4), nullptr, 16);
+          i_ += 4;
+          out.push_back(code < 128 ? static_cast<char>(code) : '?');
+          break;
+        }
+        default: out.push_back(e);  // \" \\ \/
+      }
+    }
+  }
+};
+
+const JsonValue &require(const JsonValue &root, const std::string &key, JsonValue::Kind kind,
+                         const std::string &path) {
+  auto it = root.obj.find(key);
+  if (it == root.obj.end())
+    throw Error("model file '" + path + "': metadata has no '" + key +
+                "'; re-export the model with `equiforce export`");
+  if (it->second.kind != kind)
+    throw Error("model file '" + path + "': metadata key '" + key + "' has the wrong type");
+  return it->second;
+}
+
+std::string first_line(const std::string &s) {
+  auto pos = s.find('\n');
+  return pos == std::string::npos ? s : s.substr(0, pos);
+}
+
+void check_tensor(const torch::Tensor &t, const char *name, int64_t dim0, int64_t dim1, int ndim) {
+  if (!t.defined()) throw Error(std::string("equiforce: '") + name + "' is undefined");
+  if (t.dim() != ndim) throw Error(std::string("equiforce: '") + name + "' must have " +
+                                   std::to_string(ndim) + " dimensions, got " + std::to_string(t.dim()));
+  if (dim0 >= 0 && t.size(0) != dim0)
+    throw Error(std::string("equiforce: '") + name + "' has first dimension " + std::to_string(t.size(0)) +
+                ", expected " + std::to_string(dim0));
+  if (ndim == 2 && dim1 >= 0 && t.size(1) != dim1)
+    throw Error(std::string("equiforce: '") + name + "' has second dimension " + std::to_string(t.size(1)) +
+                ", expected " + std::to_string(dim1));
+}
+
+}  // namespace
+
+// ---- metadata -----------------------------------------------------------------------------------
+
+Metadata parse_metadata(const std::string &json, const std::string &path) {
+  JsonValue root;
+  try {
+    root = JsonReader(json).parse();
+  } catch (const Error &e) {
+    throw Error("model file '" + path + "': metadata is not valid JSON (" + e.what() + ")");
+  }
+  if (root.kind != JsonValue::Object) throw Error("model file '" + path + "': metadata is not a JSON object");
+  Metadata m;
+  m.json = json;
+  m.format_version = static_cast<int>(require(root, "format_version", JsonValue::Number, path).num);
+  if (m.format_version != kFormatVersion)
+    throw Error("model file '" + path + "' has format_version " + std::to_string(m.format_version) +
+                ", this equiforce runtime reads format_version " + std::to_string(kFormatVersion) +
+                "; re-export the model with the equiforce version installed here (`equiforce export`)");
+  for (const auto &v : require(root, "species", JsonValue::Array, path).arr) {
+    if (v.kind != JsonValue::String) throw Error("model file '" + path + "': metadata species must be strings");
+    m.species.push_back(v.str);
+  }
+  if (m.species.empty()) throw Error("model file '" + path + "': metadata lists no species");
+  m.r_max = require(root, "r_max", JsonValue::Number, path).num;
+  m.num_layers = static_cast<int>(require(root, "num_layers", JsonValue::Number, path).num);
+  m.receptive_field = require(root, "receptive_field", JsonValue::Number, path).num;
+  m.dtype = require(root, "dtype", JsonValue::String, path).str;
+  if (!(m.r_max > 0.0) || m.num_layers < 1 || m.receptive_field < m.r_max)
+    throw Error("model file '" + path + "': inconsistent metadata (r_max " + std::to_string(m.r_max) +
+                ", num_layers " + std::to_string(m.num_layers) + ", receptive_field " +
+                std::to_string(m.receptive_field) + ")");
+  if (m.dtype != "float32" && m.dtype != "float64")
+    throw Error("model file '" + path + "': unsupported dtype '" + m.dtype + "' (float32 or float64)");
+  return m;
+}
+
+// ---- device -------------------------------------------------------------------------------------
+
+torch::Device select_device(const std::string &request, int local_rank) {
+  if (request == "cpu") return torch::Device(torch::kCPU);
+  const bool have_cuda = torch::cuda::is_available();
+  const int64_t ngpu = have_cuda ? static_cast<int64_t>(torch::cuda::device_count()) : 0;
+  if (request == "auto") {
+    if (ngpu == 0) return torch::Device(torch::kCPU);
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % ngpu));
+  }
+  if (request == "cuda" || request.rfind("cuda:", 0) == 0) {
+    if (ngpu == 0)
+      throw Error("device '" + request +
+                  "' requested but libtorch sees no CUDA GPU (no driver, no device, or a CPU-only torch); "
+                  "use 'device cpu' or 'device auto'");
+    int64_t index = local_rank % ngpu;
+    if (request.size() > 5) {
+      try {
+        index = std::stoll(request.substr(5));
+      } catch (const std::exception &) {
+        throw Error("bad device '" + request + "': expected cuda:N with an integer N");
+      }
+      if (index < 0 || index >= ngpu)
+        throw Error("device '" + request + "' does not exist: libtorch sees " + std::to_string(ngpu) +
+                    " GPU(s), indices 0.." + std::to_string(ngpu - 1));
+    }
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  throw Error("unknown device '" + request + "': use cpu, cuda, cuda:N or auto");
+}
+
+// ---- model --------------------------------------------------------------------------------------
+
+void configure_jit() {
+  // The profiling executor specialises the graph on the first calls' shapes and re-optimises
+  // when they change (every neighbour-list rebuild); run the graph as scripted instead.
+  torch::jit::setGraphExecutorOptimize(false);
+}
+
+Model::Model(const std::string &path, const torch::Device &device) : path_(path), device_(device) {
+  {
+    std::ifstream f(path, std::ios::binary);
+    if (!f.good())
+      throw Error("model file '" + path + "' does not exist or cannot be read; give the path of a file "
+                  "written by `equiforce export`");
+  }
+  configure_jit();
+  torch::jit::ExtraFilesMap extra{{kMetadataFile, ""}};
+  try {
+    module_ = torch::jit::load(path, device_, extra);
+  } catch (const std::exception &e) {
+    throw Error("model file '" + path + "' is not a TorchScript file (" + first_line(e.what()) +
+                "); export a trained run with `equiforce export RUN_DIR -o model.pt`");
+  }
+  if (extra[kMetadataFile].empty())
+    throw Error("model file '" + path + "' is a TorchScript file but not an equiforce export (no " +
+                std::string(kMetadataFile) + "); export it with `equiforce export`");
+  meta_ = parse_metadata(extra[kMetadataFile], path);
+  dtype_ = meta_.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
+  module_.eval();
+}
+
+int Model::species_index(const std::string &name) const {
+  for (size_t k = 0; k < meta_.species.size(); ++k)
+    if (meta_.species[k] == name) return static_cast<int>(k);
+  return -1;
+}
+
+Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, const torch::Tensor &edge_index,
+                      const torch::Tensor &edge_shift, const torch::Tensor &cell, int64_t n_local) {
+  check_tensor(pos, "pos", -1, 3, 2);
+  const int64_t n = pos.size(0);
+  check_tensor(species, "species", n, -1, 1);
+  check_tensor(edge_index, "edge_index", 2, -1, 2);
+  const int64_t ne = edge_index.size(1);
+  if (edge_shift.defined()) check_tensor(edge_shift, "edge_shift", ne, 3, 2);
+  if (cell.defined()) check_tensor(cell, "cell", 3, 3, 2);
+  if (n_local < 0 || n_local > n)
+    throw Error("equiforce: n_local = " + std::to_string(n_local) + " outside [0, " + std::to_string(n) + "]");
+  if (n > 0) {
+    auto sp = species.to(torch::kCPU);
+    int64_t lo = sp.min().item<int64_t>(), hi = sp.max().item<int64_t>();
+    if (lo < 0 || hi >= static_cast<int64_t>(meta_.species.size()))
+      throw Error("equiforce: species index out of range [0, " + std::to_string(meta_.species.size()) + ")");
+  }
+  if (ne > 0) {
+    auto ei = edge_index.to(torch::kCPU);
+    int64_t lo = ei.min().item<int64_t>(), hi = ei.max().item<int64_t>();
+    if (lo < 0 || hi >= n)
+      throw Error("equiforce: edge_index refers to atom " + std::to_string(lo < 0 ? lo : hi) + " but there are " +
+                  std::to_string(n) + " atoms");
+  }
+
+  auto fopt = torch::TensorOptions().dtype(dtype_).device(device_);
+  auto iopt = torch::TensorOptions().dtype(torch::kInt64).device(device_);
+  std::vector<torch::jit::IValue> inputs;
+  inputs.reserve(6);
+  inputs.emplace_back(pos.to(fopt).contiguous());
+  inputs.emplace_back(species.to(iopt).contiguous());
+  inputs.emplace_back(edge_index.to(iopt).contiguous());
+  inputs.emplace_back(edge_shift.defined() ? edge_shift.to(fopt).contiguous() : torch::zeros({ne, 3}, fopt));
+  inputs.emplace_back(cell.defined() ? cell.to(fopt).contiguous() : torch::zeros({3, 3}, fopt));
+  inputs.emplace_back(n_local);
+
+  torch::jit::IValue out;
+  try {
+    torch::AutoGradMode grad_mode(true);  // the module takes autograd forces inside
+    out = module_.forward(inputs);
+  } catch (const std::exception &e) {
+    throw Error("equiforce: evaluating model '" + path_ + "' failed: " + first_line(e.what()));
+  }
+  auto tup = out.toTuple();
+  if (tup->elements().size() != 4)
+    throw Error("equiforce: model '" + path_ + "' returned " + std::to_string(tup->elements().size()) +
+                " outputs, expected (energy, per_atom_energy, forces, virial)");
+  auto cpu64 = torch::TensorOptions().dtype(torch::kFloat64).device(torch::kCPU);
+  Result r;
+  r.energy = tup->elements()[0].toTensor().to(cpu64).item<double>();
+  r.atom_energy = tup->elements()[1].toTensor().detach().to(cpu64).contiguous();
+  r.forces = tup->elements()[2].toTensor().detach().to(cpu64).contiguous();
+  r.virial = tup->elements()[3].toTensor().detach().to(cpu64).contiguous();
+  if (r.atom_energy.numel() != n || r.forces.numel() != 3 * n || r.virial.numel() != 9)
+    throw Error("equiforce: model '" + path_ + "' returned outputs of unexpected shape");
+  return r;
+}
+
+}  // namespace equiforce

@@ -1,0 +1,84 @@
+// equiforce C++ runtime: loads an exported equiforce TorchScript file and evaluates it.
+//
+// No LAMMPS dependency: used by the LAMMPS pair style (lammps_pair/) and, through pybind11
+// (equiforce._runtime), by the Python tests. Units: positions/cell/shifts in Angstrom,
+// energies in eV, forces in eV/Angstrom, virial in eV (virial = -sum_e r_e (x) dE/dr_e).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+namespace equiforce {
+
+// Version of the exported-file contract this runtime reads (python/equiforce/__init__.py).
+constexpr int kFormatVersion = 1;
+constexpr const char *kMetadataFile = "equiforce_metadata.json";
+
+// Every failure of the runtime (bad file, bad input shapes, device problems) is one of these,
+// with a message that names the problem and the fix.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string &msg) : std::runtime_error(msg) {}
+};
+
+struct Metadata {
+  int format_version = -1;
+  std::vector<std::string> species;  // model species names, index = species id
+  double r_max = 0.0;                // cutoff of one message-passing layer (Angstrom)
+  int num_layers = 0;
+  double receptive_field = 0.0;      // distance an atom's energy depends on (Angstrom)
+  std::string dtype;                 // "float32" or "float64"
+  std::string json;                  // the raw metadata text
+};
+
+// Parse the metadata JSON (a flat object; only the keys above are read). Throws Error.
+Metadata parse_metadata(const std::string &json, const std::string &path);
+
+// Pick the torch device for a request "cpu", "cuda", "cuda:N" or "auto".
+// local_rank (rank within the node) spreads ranks over the node's GPUs for "cuda"/"auto".
+// Throws Error when CUDA is requested but not available or the index does not exist.
+torch::Device select_device(const std::string &request, int local_rank = 0);
+
+struct Result {
+  double energy = 0.0;        // eV, sum over the first n_local atoms
+  torch::Tensor atom_energy;  // [N] eV (CPU, float64)
+  torch::Tensor forces;       // [N, 3] eV/Angstrom (CPU, float64), -dE/dpos on every atom given
+  torch::Tensor virial;       // [3, 3] eV (CPU, float64)
+};
+
+class Model {
+ public:
+  // Load `path` onto `device`. Throws Error for a missing file, a file that is not TorchScript,
+  // a TorchScript file without equiforce metadata, or an unsupported format_version.
+  Model(const std::string &path, const torch::Device &device);
+
+  const Metadata &metadata() const { return meta_; }
+  const torch::Device &device() const { return device_; }
+  torch::Dtype dtype() const { return dtype_; }
+  const std::string &path() const { return path_; }
+  // Index of an element name in the model's species list, -1 if absent.
+  int species_index(const std::string &name) const;
+
+  // Evaluate. Inputs may live on any device and have any floating dtype; they are moved/cast.
+  //   pos [N,3], species [N] (int, values in [0, n_species)), edge_index [2,E] (int),
+  //   edge_shift [E,3] or undefined (zeros: ghosts carry their own image positions),
+  //   cell [3,3] or undefined (zeros), n_local: the first n_local atoms count for the energy.
+  Result compute(const torch::Tensor &pos, const torch::Tensor &species, const torch::Tensor &edge_index,
+                 const torch::Tensor &edge_shift, const torch::Tensor &cell, int64_t n_local);
+
+ private:
+  std::string path_;
+  torch::Device device_;
+  torch::Dtype dtype_ = torch::kFloat64;
+  Metadata meta_;
+  torch::jit::Module module_;
+};
+
+// Process-wide TorchScript executor settings for stable repeated calls with changing atom and
+// edge counts (no profiling re-specialisation or fusion recompiles). Called by Model's constructor.
+void configure_jit();
+
+}  // namespace equiforce

@@ -1,0 +1,385 @@
+// pair_style equiforce, see pair_equiforce.h.
+#include "pair_equiforce.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include <ATen/Parallel.h>
+
+#include "atom.h"
+#include "comm.h"
+#include "domain.h"
+#include "equiforce_model.h"
+#include "error.h"
+#include "force.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+#include "utils.h"
+
+using namespace LAMMPS_NS;
+
+/* ---------------------------------------------------------------------- */
+
+PairEquiforce::PairEquiforce(LAMMPS *lmp) : Pair(lmp) {
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  ghostneigh = 1;                // neighbour lists of ghost atoms are needed (multi-layer models)
+  no_virial_fdotr_compute = 1;   // the model returns the virial (see compute())
+  centroidstressflag = CENTROID_NOTAVAIL;
+  const char *dump = std::getenv("EQUIFORCE_DUMP_EDGES");
+  if (dump && *dump) dump_path_ = dump;
+
+  // rank within the node: spreads ranks over the node's GPUs and shares its CPU cores
+  MPI_Comm node;
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_size(node, &local_size_);
+  MPI_Comm_free(&node);
+}
+
+/* ---------------------------------------------------------------------- */
+
+PairEquiforce::~PairEquiforce() {
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+    memory->destroy(cutghost);
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairEquiforce::allocate() {
+  allocated = 1;
+  int n = atom->ntypes;
+  memory->create(setflag, n + 1, n + 1, "pair:setflag");
+  for (int i = 1; i <= n; i++)
+    for (int j = i; j <= n; j++) setflag[i][j] = 0;
+  memory->create(cutsq, n + 1, n + 1, "pair:cutsq");
+  memory->create(cutghost, n + 1, n + 1, "pair:cutghost");
+}
+
+/* ----------------------------------------------------------------------
+   pair_style equiforce [device cpu|cuda|cuda:N|auto]
+------------------------------------------------------------------------- */
+
+void PairEquiforce::settings(int narg, char **arg) {
+  int iarg = 0;
+  while (iarg < narg) {
+    if (strcmp(arg[iarg], "device") == 0) {
+      if (iarg + 1 >= narg)
+        error->all(FLERR, "pair_style equiforce: 'device' needs a value: cpu, cuda, cuda:N or auto");
+      device_request_ = arg[iarg + 1];
+      iarg += 2;
+    } else {
+      error->all(FLERR, "pair_style equiforce: unknown keyword '{}'; usage: pair_style equiforce "
+                        "[device cpu|cuda|cuda:N|auto]", arg[iarg]);
+    }
+  }
+}
+
+/* ----------------------------------------------------------------------
+   pair_coeff * * model.pt El1 El2 ... (one element name or NULL per atom type)
+------------------------------------------------------------------------- */
+
+void PairEquiforce::coeff(int narg, char **arg) {
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg < 3 || strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_coeff for equiforce must be: pair_coeff * * model.pt El1 El2 ... "
+                      "(one element per atom type)");
+  if (narg != 3 + ntypes)
+    error->all(FLERR, "pair_coeff * * {}: {} element name(s) given but the simulation has {} atom type(s); "
+                      "give one element (or NULL) per atom type", arg[2], narg - 3, ntypes);
+
+  // device: one GPU per rank of the node (rank within node modulo GPU count)
+  torch::Device device(torch::kCPU);
+  try {
+    device = equiforce::select_device(device_request_, local_rank_);
+  } catch (const std::exception &e) {
+    error->all(FLERR, std::string("pair_style equiforce: ") + e.what());
+  }
+
+  try {
+    model_ = std::make_unique<equiforce::Model>(arg[2], device);
+  } catch (const std::exception &e) {
+    error->all(FLERR, std::string("pair_coeff equiforce: ") + e.what());
+  }
+  const auto &meta = model_->metadata();
+  r_max_ = meta.r_max;
+  num_layers_ = meta.num_layers;
+  receptive_field_ = meta.receptive_field;
+
+  std::string known;
+  for (const auto &s : meta.species) known += (known.empty() ? "" : " ") + s;
+
+  if (map) delete[] map;
+  map = new int[ntypes + 1];
+  type_elements_.assign(ntypes + 1, "NULL");
+  int nmapped = 0;
+  for (int t = 1; t <= ntypes; t++) {
+    const char *el = arg[2 + t];
+    if (strcmp(el, "NULL") == 0) {
+      map[t] = -1;
+      continue;
+    }
+    int idx = model_->species_index(el);
+    if (idx < 0)
+      error->all(FLERR, "pair_coeff equiforce: element '{}' for atom type {} is not in model '{}', "
+                        "which knows: {}", el, t, arg[2], known);
+    map[t] = idx;
+    type_elements_[t] = el;
+    nmapped++;
+  }
+  if (nmapped == 0) error->all(FLERR, "pair_coeff equiforce: every atom type is NULL; map at least one");
+
+  for (int i = 1; i <= ntypes; i++)
+    for (int j = i; j <= ntypes; j++) setflag[i][j] = (map[i] >= 0 && map[j] >= 0) ? 1 : 0;
+
+  // threads: share the node's cores among its ranks unless the user chose (OMP_NUM_THREADS)
+  if (device.is_cpu() && !std::getenv("OMP_NUM_THREADS")) {
+    int hw = static_cast<int>(std::thread::hardware_concurrency());
+    at::set_num_threads(std::max(1, hw / std::max(1, local_size_)));
+  }
+
+  if (comm->me == 0) {
+    std::string msg = fmt::format(
+        "pair equiforce: model {} (format_version {}, {}, r_max {} A, {} layer(s), receptive field {} A) "
+        "on {}, {} torch thread(s) per rank\n  type -> element -> model species index\n",
+        arg[2], meta.format_version, meta.dtype, r_max_, num_layers_, receptive_field_, device.str(),
+        at::get_num_threads());
+    for (int t = 1; t <= ntypes; t++)
+      msg += fmt::format("  {:4d} -> {:>4} -> {}\n", t, type_elements_[t],
+                         map[t] >= 0 ? std::to_string(map[t]) : std::string("(not equiforce)"));
+    utils::logmesg(lmp, msg);
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairEquiforce::init_style() {
+  if (!model_) error->all(FLERR, "pair_style equiforce: no model loaded; use pair_coeff * * model.pt El1 ...");
+  if (force->newton_pair == 0)
+    error->all(FLERR, "pair_style equiforce requires newton pair on (forces on ghost atoms are sent back "
+                      "to their owners); remove 'newton off' or use 'newton on'");
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "pair_style equiforce requires 'units metal' (eV, Angstrom) but the input uses "
+                      "'units {}'; convert the input to units metal", update->unit_style);
+  if (atom->tag_enable == 0) error->all(FLERR, "pair_style equiforce requires atom IDs (atom_modify id yes)");
+  if (comm->mode != Comm::SINGLE)
+    error->all(FLERR, "pair_style equiforce requires comm_modify mode single");
+
+  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+
+  // ghost shell: every atom within the receptive field of a local atom must be present (with its
+  // own neighbours), at any time until the next reneighbouring (hence + skin)
+  const double need = receptive_field_ + neighbor->skin;
+  if (comm->cutghostuser < need) {
+    comm->cutghostuser = need;
+    if (comm->me == 0)
+      utils::logmesg(lmp, "pair equiforce: communication cutoff set to {:.4g} A = receptive field {:.4g} A "
+                          "({} layers x r_max {:.4g} A) + neighbor skin {:.4g} A, so multi-layer "
+                          "message passing is exact across MPI ranks\n",
+                     need, receptive_field_, num_layers_, r_max_, neighbor->skin);
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+
+double PairEquiforce::init_one(int i, int j) {
+  if (setflag[i][j] == 0)
+    error->all(FLERR, "pair equiforce: atom types {} and {} are not both mapped to model elements "
+                      "(NULL is only allowed with pair_style hybrid)", i, j);
+  cutghost[i][j] = cutghost[j][i] = r_max_;  // neighbour lists of ghosts use the same cutoff
+  return r_max_;
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairEquiforce::compute(int eflag, int vflag) {
+  ev_init(eflag, vflag);
+  if (vflag_atom)
+    error->all(FLERR, "pair_style equiforce does not compute per-atom virials (compute stress/atom); "
+                      "the global virial and per-atom energies are available");
+
+  double **x = atom->x;
+  double **f = atom->f;
+  int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const double cutsq_model = r_max_ * r_max_;
+
+  const int inum = list->inum;
+  const int ntot = list->inum + list->gnum;  // local then ghost atoms with neighbour lists
+  int *ilist = list->ilist;
+  int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+
+  // edges (i, j) with |x_j - x_i| < r_max between atoms of mapped types; ghosts are images with
+  // their own coordinates, so no shifts are needed
+  std::vector<int> estart(nall + 1, 0);
+  std::vector<int> enb;
+  std::vector<int> ecount(nall, 0);
+  std::vector<int64_t> edges;  // pairs (i, j), LAMMPS indices
+  edges.reserve(static_cast<size_t>(ntot) * 32);
+  for (int ii = 0; ii < ntot; ii++) {
+    const int i = ilist[ii];
+    if (map[type[i]] < 0) continue;
+    const int *jlist = firstneigh[i];
+    for (int jj = 0; jj < numneigh[i]; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (map[type[j]] < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz < cutsq_model) {
+        edges.push_back(i);
+        edges.push_back(j);
+        ecount[i]++;
+      }
+    }
+  }
+  const size_t nedge_all = edges.size() / 2;
+  for (int i = 0; i < nall; i++) estart[i + 1] = estart[i] + ecount[i];
+  enb.resize(nedge_all);
+  {
+    std::vector<int> fill(estart.begin(), estart.end() - 1);
+    for (size_t e = 0; e < nedge_all; e++) enb[fill[edges[2 * e]]++] = static_cast<int>(edges[2 * e + 1]);
+  }
+
+  // keep atoms within num_layers hops of a local atom: the only ones a local energy depends on
+  std::vector<int> hop(nall, -1);
+  std::vector<int> frontier;
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    if (i < nlocal && map[type[i]] >= 0) {
+      hop[i] = 0;
+      frontier.push_back(i);
+    }
+  }
+  for (int layer = 1; layer <= num_layers_ && !frontier.empty(); layer++) {
+    std::vector<int> next;
+    for (int i : frontier)
+      for (int k = estart[i]; k < estart[i + 1]; k++)
+        if (hop[enb[k]] < 0) {
+          hop[enb[k]] = layer;
+          next.push_back(enb[k]);
+        }
+    frontier.swap(next);
+  }
+  // compact numbering: local atoms first (LAMMPS stores locals before ghosts)
+  std::vector<int> compact(nall, -1);
+  std::vector<int> atoms;
+  int n_local = 0;
+  for (int i = 0; i < nall; i++)
+    if (hop[i] >= 0) {
+      compact[i] = static_cast<int>(atoms.size());
+      atoms.push_back(i);
+      if (i < nlocal) n_local++;
+    }
+  const int n = static_cast<int>(atoms.size());
+  if (n_local == 0) return;  // this rank owns no atoms of this style (inum == 0)
+
+  std::vector<int64_t> kept;
+  kept.reserve(edges.size());
+  for (size_t e = 0; e < nedge_all; e++) {
+    const int ci = compact[edges[2 * e]], cj = compact[edges[2 * e + 1]];
+    if (ci >= 0 && cj >= 0) {
+      kept.push_back(ci);
+      kept.push_back(cj);
+    }
+  }
+  const int64_t ne = static_cast<int64_t>(kept.size() / 2);
+
+  auto pos = torch::empty({n, 3}, torch::kFloat64);
+  auto species = torch::empty({n}, torch::kInt64);
+  {
+    double *p = pos.data_ptr<double>();
+    int64_t *s = species.data_ptr<int64_t>();
+    for (int k = 0; k < n; k++) {
+      const int i = atoms[k];
+      p[3 * k] = x[i][0];
+      p[3 * k + 1] = x[i][1];
+      p[3 * k + 2] = x[i][2];
+      s[k] = map[type[i]];
+    }
+  }
+  // [E, 2] pairs -> [2, E]
+  auto edge_index = torch::from_blob(kept.data(), {ne, 2}, torch::kInt64).t().contiguous();
+  auto cell = torch::zeros({3, 3}, torch::kFloat64);
+  {
+    auto c = cell.accessor<double, 2>();
+    c[0][0] = domain->xprd;
+    c[1][0] = domain->xy;
+    c[1][1] = domain->yprd;
+    c[2][0] = domain->xz;
+    c[2][1] = domain->yz;
+    c[2][2] = domain->zprd;
+  }
+
+  if (!dump_path_.empty()) dump_edges(atoms, kept, n_local);
+
+  equiforce::Result res;
+  try {
+    res = model_->compute(pos, species, edge_index, torch::Tensor(), cell, n_local);
+  } catch (const std::exception &e) {
+    error->one(FLERR, std::string("pair equiforce: ") + e.what());
+  }
+
+  const double *fr = res.forces.data_ptr<double>();
+  for (int k = 0; k < n; k++) {
+    const int i = atoms[k];
+    f[i][0] += fr[3 * k];
+    f[i][1] += fr[3 * k + 1];
+    f[i][2] += fr[3 * k + 2];
+  }
+  if (eflag_global) eng_vdwl += res.energy;
+  if (eflag_atom) {
+    const double *ea = res.atom_energy.data_ptr<double>();
+    for (int k = 0; k < n_local; k++) eatom[atoms[k]] += ea[k];
+  }
+  if (vflag_global) {
+    // The model's virial is -sum_e r_e (x) dE/dr_e over all edges given; with ghosts as explicit
+    // images (r_e = x_j - x_i) this equals sum_k x_k (x) F_k over local and ghost atoms, i.e.
+    // exactly what virial_fdotr_compute() would give for these forces, and summed over ranks it
+    // is the derivative of the total energy with respect to a homogeneous strain.
+    const double *w = res.virial.data_ptr<double>();
+    virial[0] += w[0];
+    virial[1] += w[4];
+    virial[2] += w[8];
+    virial[3] += w[1];
+    virial[4] += w[2];
+    virial[5] += w[5];
+  }
+}
+
+/* ----------------------------------------------------------------------
+   EQUIFORCE_DUMP_EDGES=path: write the edge list given to the model (one file per rank when
+   running on several ranks: path.RANK), overwritten at every force evaluation.
+   Columns: tag_i tag_j i_is_local j_is_local rx ry rz (r = x_j - x_i, Angstrom)
+------------------------------------------------------------------------- */
+
+void PairEquiforce::dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges, int n_local) {
+  std::string path = dump_path_;
+  if (comm->nprocs > 1) path += "." + std::to_string(comm->me);
+  std::ofstream out(path);
+  if (!out) error->one(FLERR, "EQUIFORCE_DUMP_EDGES: cannot write '{}'", path);
+  double **x = atom->x;
+  tagint *tag = atom->tag;
+  out << "# equiforce edges step " << update->ntimestep << " rank " << comm->me << " atoms " << atoms.size()
+      << " local " << n_local << " edges " << edges.size() / 2 << "\n";
+  out << "# tag_i tag_j i_is_local j_is_local rx ry rz\n";
+  out.precision(17);
+  for (size_t e = 0; e < edges.size() / 2; e++) {
+    const int ci = static_cast<int>(edges[2 * e]), cj = static_cast<int>(edges[2 * e + 1]);
+    const int i = atoms[ci], j = atoms[cj];
+    out << tag[i] << " " << tag[j] << " " << (ci < n_local) << " " << (cj < n_local) << " "
+        << x[j][0] - x[i][0] << " " << x[j][1] - x[i][1] << " " << x[j][2] - x[i][2] << "\n";
+  }
+}

