@@ -1,0 +1,259 @@
+"""The ``equiforce`` command line.
+
+    equiforce train --data train.extxyz --out run/ [--config c.yaml] [flags overriding the YAML]
+    equiforce train --out run/ --resume [--epochs N] [--max-minutes M]
+    equiforce export run/ -o model.pt [--dtype float64] [--checkpoint best|last]
+    equiforce info model.pt
+    equiforce eval model.pt data.extxyz [--json]
+    equiforce plot run/ [-o curves.png]
+    equiforce check model.pt
+    equiforce lammps-plugin-dir
+
+Every mistake in the user's input ends with one line ``equiforce: error: ...`` on stderr and exit
+status 2, without a traceback. Subcommands are registered in :data:`COMMANDS`
+(name -> (help, add_arguments, run)); a new one is one function pair and one entry there.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import __version__
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line with exit status 2 (argparse's own convention)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+# flag -> (config key, type, help)
+TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
+    ("--data", "data", str, "extxyz file with energies and forces"),
+    ("--val-fraction", "val_fraction", float, "fraction of structures held out for validation (0.1)"),
+    ("--test-fraction", "test_fraction", float, "fraction held out as a test set, never trained on (0)"),
+    ("--epochs", "epochs", int, "number of epochs (100)"),
+    ("--max-minutes", "max_minutes", float, "wall-clock limit; stops cleanly keeping the best checkpoint"),
+    ("--batch-size", "batch_size", int, "structures per batch (4)"),
+    ("--lr", "lr", float, "learning rate (5e-3)"),
+    ("--r-max", "model.r_max", float, "cutoff radius in Å (5.0)"),
+    ("--channels", "model.channels", int, "channels per irrep (32)"),
+    ("--lmax", "model.lmax", int, "highest rotation order (2)"),
+    ("--layers", "model.num_layers", int, "interaction layers (3)"),
+    ("--symmetry", "model.symmetry", str, "O3 (mirror images equal) or SE3 (chiral)"),
+    ("--dtype", "dtype", str, "float32 or float64 (float32)"),
+    ("--device", "device", str, "cpu, cuda or cuda:N (cpu)"),
+    ("--threads", "num_threads", int, "CPU threads (torch default); 1 is fastest for small models"),
+    ("--seed", "seed", int, "random seed for the split and the initial weights (0)"),
+    ("--energy-key", "energy_key", str, "name of the energy label (energy)"),
+    ("--forces-key", "forces_key", str, "name of the forces label (forces)"),
+    ("--stress-key", "stress_key", str, "name of the stress label (stress)"),
+]
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_file", nargs="?", help="YAML configuration (same as --config)")
+    p.add_argument("--config", help="YAML configuration; flags override its settings")
+    p.add_argument("--out", help="run directory for checkpoints, metrics.csv and plots (run)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, key, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=key.replace(".", "__"), type=typ, help=help_)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, build_config, read_yaml
+    from .train import RESUMABLE, train
+
+    if args.config and args.config_file and args.config != args.config_file:
+        raise ConfigError("give the configuration once (either positional or --config)")
+    yaml_path = args.config or args.config_file
+    overrides = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in TRAIN_FLAGS}
+    if args.out is not None:
+        overrides["out"] = args.out
+    if args.resume:
+        out = args.out or (read_yaml(yaml_path).get("out") if yaml_path else None)
+        if not out:
+            raise ConfigError("--resume needs the run directory: pass --out RUN_DIR")
+        given = {k: v for k, v in overrides.items() if v is not None and k != "out"}
+        bad = sorted(set(given) - set(RESUMABLE) - {"data"})
+        if bad:
+            raise ConfigError(f"cannot change {bad} when resuming (only {list(RESUMABLE)}); "
+                              "start a new run with another --out to change them")
+        config = build_config(None, {"out": out})
+        train(config, resume=True, progress=not args.no_progress, resume_overrides=given)
+        return 0
+    config = build_config(yaml_path, overrides)
+    train(config, progress=not args.no_progress)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export / info / eval / plot / check / lammps-plugin-dir
+# ---------------------------------------------------------------------------------------------
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by `equiforce train` (or a checkpoint file)")
+    p.add_argument("-o", "--output", required=True, help="exported TorchScript file to write, e.g. model.pt")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="dtype of the exported model (training dtype)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="which checkpoint of the run to export (best)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_model
+    from .train import load_checkpoint, model_from_checkpoint
+
+    path = args.run_dir
+    if os.path.isdir(path):
+        path = os.path.join(path, f"{args.checkpoint}.pt")
+    state = load_checkpoint(path)
+    model, config = model_from_checkpoint(state, use_ema=True)
+    dtype_name = args.dtype or config.dtype
+    dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    ex = state.get("example_structure")
+    check = None
+    if ex is not None:
+        check = (ex["pos"], ex["species"], ex["edge_index"], ex["edge_shift"], ex["cell"])
+    metrics = state.get("metrics", {})
+    # strict JSON for the C++ readers: no NaN (a metric without data is null)
+    val = {k: (None if v != v else float(v)) for k, v in metrics.get("val", {}).items()}
+    extra = {"training": {"epoch": int(state["epoch"]), "best_epoch": int(state.get("best_epoch", state["epoch"])),
+                          "val_metrics": val, "data": os.path.basename(config.data),
+                          "trained_dtype": config.dtype},
+             "model_config": config.model.to_dict()}
+    meta = export_model(model.for_export(), args.output, dtype, symmetry=config.model.symmetry,
+                        model_type="equiforce", extra_metadata=extra, check_structure=check)
+    print(f"exported {path} (epoch {state['epoch']}, EMA weights) to {args.output}: species {meta['species']}, "
+          f"r_max {meta['r_max']} Å, {meta['num_layers']} layers, {meta['dtype']}, symmetry {meta['symmetry']}")
+    return 0
+
+
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported model file")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .export import read_metadata
+
+    meta = read_metadata(args.model)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:<20}{value}")
+    return 0
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported model file")
+    p.add_argument("data", help="extxyz file with reference energies and forces")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--stress-key", default="stress")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_exported, format_metrics
+
+    metrics = evaluate_exported(args.model, args.data, args.energy_key, args.forces_key, args.stress_key)
+    print(json.dumps(metrics, indent=1) if args.json else format_metrics(metrics))
+    return 0
+
+
+def _add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory holding metrics.csv")
+    p.add_argument("-o", "--output", help="PNG to write (RUN_DIR/learning_curves.png)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported model file")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from .check import format_table, run_checks
+
+    meta, results = run_checks(args.model, seed=args.seed)
+    print(format_table(meta, results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _add_nothing(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_lammps_plugin_dir(args: argparse.Namespace) -> int:
+    try:
+        from .lammps import plugin_dir
+    except ImportError:
+        from .config import UserError
+        raise UserError("this equiforce installation has no LAMMPS plugin (equiforce.lammps is missing); "
+                        "reinstall with the C++ parts built") from None
+    print(plugin_dir())
+    return 0
+
+
+COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a model on an extxyz data set", _add_train, _run_train),
+    "export": ("export a trained run to one TorchScript file", _add_export, _run_export),
+    "info": ("print the metadata of an exported model", _add_info, _run_info),
+    "eval": ("errors of an exported model on an extxyz data set", _add_eval, _run_eval),
+    "plot": ("draw learning curves of a run (PNG)", _add_plot, _run_plot),
+    "check": ("symmetry audit of an exported model", _add_check, _run_check),
+    "lammps-plugin-dir": ("print the directory holding the LAMMPS plugin", _add_nothing, _run_lammps_plugin_dir),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="equiforce", description="E(3)-equivariant interatomic potentials for LAMMPS and OpenMM")
+    parser.add_argument("--version", action="version", version=f"equiforce {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``equiforce`` script; returns the exit status."""
+    from .config import UserError
+    from .export import ModelFileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, ModelFileError) as exc:
+        print(f"equiforce: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("equiforce: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
