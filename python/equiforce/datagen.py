@@ -1,0 +1,328 @@
+"""Reference data from GFN2-xTB: Langevin MD of a small molecule, labelled frames in extxyz.
+
+The quantum-chemical reference is GFN2-xTB through tblite's ASE calculator
+(``tblite.ase.TBLite(method="GFN2-xTB")``). A molecule (by default ethanol, built with
+``ase.build.molecule("CH3CH2OH")``) is run with Langevin dynamics at ``temperature_K`` using the
+xTB forces themselves; after an equilibration stretch, every ``stride``-th step is kept as one
+frame. Each frame stores the xTB energy and forces of exactly its positions:
+
+* ``atoms.info["energy"]``  -- total energy (eV)
+* ``atoms.arrays["forces"]`` -- forces (eV/Å), ``-dE/dpos``
+* ``atoms.info["stress"]``  -- only with ``box_A`` (periodic): stress (eV/Å^3, ASE convention)
+
+ASE's extxyz reader moves these standard names into a ``SinglePointCalculator``
+(``atoms.get_potential_energy()``, ``atoms.get_forces()``); :mod:`equiforce.data` finds them there.
+
+Labels: every kept frame is recomputed from scratch with a fresh calculator and a tight SCF
+(``LABEL_ACCURACY``), so its energy and forces depend on its positions only (not on the SCF history of
+the trajectory) and the forces are the exact gradient of the stored energy.
+
+Determinism: the initial velocities and the Langevin noise come from ``numpy.random.default_rng(seed)``,
+and tblite runs single-threaded (``OMP_NUM_THREADS=1`` is set before tblite is first imported, unless
+the caller set it), so the same arguments give the same file on the same machine.
+
+Caching: a data set is written once to ``out`` (default ``data_cache/<name>.extxyz`` under the current
+directory) together with ``<out>.json`` holding the generating parameters; a later call with the same
+parameters returns the path at once. Files are written to a temporary name and renamed, so parallel
+callers never see a half-written file.
+
+Command line (also reachable as ``equiforce datagen``)::
+
+    python -m equiforce.datagen --molecule CH3CH2OH --frames 300 --temperature 800 --seed 0 -o data.extxyz
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+DEFAULT_CACHE_DIR = "data_cache"
+# Parameters the cached file depends on; a change in any of them regenerates it.
+_CACHE_VERSION = 1
+# tblite SCF accuracy of the labels (1.0 is tblite's default; 0.01 converges the SCF ~100x tighter,
+# measured: forces then equal central finite differences of the energy to ~2e-7 relative, h = 1e-4 Å)
+LABEL_ACCURACY = 0.01
+
+
+class DatagenError(ValueError):
+    """Bad arguments for data generation (message names the problem and the fix)."""
+
+
+def _tblite_calculator(accuracy: float = 1.0):
+    """GFN2-xTB ASE calculator, quiet and (unless the caller chose otherwise) single-threaded."""
+    # libgomp reads OMP_NUM_THREADS when tblite's library is first loaded
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        from tblite.ase import TBLite
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DatagenError(
+            f"tblite is not importable ({exc}); install it with `pip install tblite==0.8.0` "
+            "(it is in requirements.txt; `make venv` installs it)") from None
+    return TBLite(method="GFN2-xTB", verbosity=0, accuracy=accuracy)
+
+
+def _build_structure(molecule: str, box_A: Optional[float]):
+    """``ase.Atoms`` from a name known to ``ase.build.molecule`` or a structure file path."""
+    from ase.build import molecule as ase_molecule
+    from ase.collections import g2
+
+    if os.path.isfile(molecule):
+        from ase.io import read
+        atoms = read(molecule, index=0)
+    elif molecule in g2.names:
+        atoms = ase_molecule(molecule)
+    else:
+        raise DatagenError(
+            f"unknown molecule '{molecule}': give a name from ase.build.molecule (e.g. CH3CH2OH, H2O, "
+            "CH4, C6H6) or the path of a structure file ASE can read")
+    if box_A is not None:
+        extent = atoms.positions.max(axis=0) - atoms.positions.min(axis=0)
+        if box_A <= 0:
+            raise DatagenError(f"box_A must be positive (got {box_A}); omit it for an isolated molecule")
+        if box_A < float(extent.max()) + 1.0:
+            raise DatagenError(
+                f"box_A={box_A} Å is smaller than the molecule ({float(extent.max()):.2f} Å across) plus 1 Å; "
+                "use a larger box")
+        atoms.set_cell([box_A, box_A, box_A])
+        atoms.set_pbc(True)
+        atoms.center()
+    else:
+        atoms.set_cell(None)
+        atoms.set_pbc(False)
+    return atoms
+
+
+def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature_K: float = 800.0,
+                       seed: int = 0, timestep_fs: float = 0.5, stride: int = 40,
+                       equilibration_steps: int = 400, friction_per_fs: float = 0.01,
+                       box_A: Optional[float] = None) -> Dict[str, Any]:
+    """The validated parameter set that identifies one data set (stored next to the file)."""
+    checks = [
+        (isinstance(n_frames, int) and n_frames >= 1, f"n_frames must be an integer >= 1 (got {n_frames!r})"),
+        (temperature_K > 0, f"temperature_K must be positive (got {temperature_K})"),
+        (timestep_fs > 0, f"timestep_fs must be positive (got {timestep_fs})"),
+        (isinstance(stride, int) and stride >= 1, f"stride must be an integer >= 1 (got {stride!r})"),
+        (isinstance(equilibration_steps, int) and equilibration_steps >= 0,
+         f"equilibration_steps must be an integer >= 0 (got {equilibration_steps!r})"),
+        (friction_per_fs > 0, f"friction_per_fs must be positive (got {friction_per_fs})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DatagenError(message)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # versions are part of the identity: another xTB or integrator gives other numbers
+        tblite_version, ase_version = version("tblite"), version("ase")
+    except PackageNotFoundError as exc:
+        raise DatagenError(f"{exc.name} is not installed; run `make venv` (or pip install -r requirements.txt)") from None
+    mol_id = molecule
+    if os.path.isfile(molecule):
+        with open(molecule, "rb") as fh:
+            mol_id = "file:" + hashlib.sha256(fh.read()).hexdigest()[:16]
+    return {
+        "cache_version": _CACHE_VERSION,
+        "method": "GFN2-xTB",
+        "label_accuracy": LABEL_ACCURACY,
+        "tblite_version": tblite_version,
+        "ase_version": ase_version,
+        "molecule": mol_id,
+        "n_frames": int(n_frames),
+        "temperature_K": float(temperature_K),
+        "seed": int(seed),
+        "timestep_fs": float(timestep_fs),
+        "stride": int(stride),
+        "equilibration_steps": int(equilibration_steps),
+        "friction_per_fs": float(friction_per_fs),
+        "box_A": None if box_A is None else float(box_A),
+    }
+
+
+def default_path(params: Dict[str, Any], cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+    """``cache_dir/<molecule>_<frames>f_<T>K_s<seed>_<hash>.extxyz`` for a parameter set."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    name = "".join(c if c.isalnum() else "_" for c in str(params["molecule"]))[:32]
+    return os.path.join(cache_dir, f"{name}_{params['n_frames']}f_{params['temperature_K']:g}K_"
+                                   f"s{params['seed']}_{digest}.extxyz")
+
+
+def _cached(out: str, params: Dict[str, Any]) -> bool:
+    side = out + ".json"
+    if not (os.path.isfile(out) and os.path.isfile(side)):
+        return False
+    try:
+        with open(side) as fh:
+            return json.load(fh).get("parameters") == params
+    except (OSError, ValueError):
+        return False
+
+
+def label_structure(atoms, periodic: bool):
+    """A copy of ``atoms`` carrying GFN2-xTB energy/forces (and stress) as plain info/arrays.
+
+    A fresh calculator per structure with a tight SCF (``accuracy=LABEL_ACCURACY``): the label is a
+    function of the positions alone, not of the SCF guess left by earlier steps (a reused calculator
+    starts from the previous wavefunction, which moves forces by ~1e-4 eV/Å at the default accuracy).
+    """
+    frame = atoms.copy()
+    frame.set_constraint()
+    frame.calc = _tblite_calculator(accuracy=LABEL_ACCURACY)
+    energy = float(frame.get_potential_energy())
+    forces = frame.get_forces().copy()
+    stress = frame.get_stress(voigt=False).copy() if periodic else None
+    frame.calc = None
+    for key in ("momenta", "masses"):
+        if key in frame.arrays:
+            del frame.arrays[key]
+    frame.info = {"energy": energy}
+    if stress is not None:
+        frame.info["stress"] = stress
+    frame.arrays["forces"] = forces
+    return frame
+
+
+def run_md_frames(params: Dict[str, Any], molecule: str, box_A: Optional[float],
+                  progress: bool = False) -> List[Any]:
+    """Run the Langevin MD described by ``params`` and return the labelled frames."""
+    import numpy as np
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.constraints import FixCom
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
+
+    atoms = _build_structure(molecule, box_A)
+    periodic = box_A is not None
+    atoms.calc = _tblite_calculator()  # default accuracy for the dynamics; labels are recomputed
+    rng = np.random.default_rng(params["seed"])
+    thermalize_momenta(atoms, temperature_K=params["temperature_K"], rng=rng)
+    Stationary(atoms)
+    if not periodic:
+        ZeroRotation(atoms)
+    atoms.set_constraint(FixCom())  # no drift of the centre of mass under the Langevin noise
+    dyn = Langevin(atoms, timestep=params["timestep_fs"] * units.fs, temperature_K=params["temperature_K"],
+                   friction=params["friction_per_fs"] / units.fs, fixcm=False, rng=rng)
+    if params["equilibration_steps"]:
+        dyn.run(params["equilibration_steps"])
+    frames = []
+    t0 = time.perf_counter()
+    for k in range(params["n_frames"]):
+        dyn.run(params["stride"])
+        frames.append(label_structure(atoms, periodic))
+        if progress and (k + 1) % max(1, params["n_frames"] // 10) == 0:
+            print(f"  datagen: {k + 1}/{params['n_frames']} frames ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+    return frames
+
+
+def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature_K: float = 800.0,
+                    seed: int = 0, out: Optional[str] = None, *, timestep_fs: float = 0.5, stride: int = 40,
+                    equilibration_steps: int = 400, friction_per_fs: float = 0.01,
+                    box_A: Optional[float] = None, cache_dir: str = DEFAULT_CACHE_DIR,
+                    force: bool = False, progress: bool = False) -> str:
+    """Generate (or reuse) an xTB-labelled MD data set and return the extxyz path.
+
+    molecule: name for ``ase.build.molecule`` or a structure file. n_frames: frames kept, one every
+    ``stride`` MD steps of ``timestep_fs`` after ``equilibration_steps``. temperature_K: Langevin
+    temperature (K), friction ``friction_per_fs`` (1/fs). box_A: edge (Å) of a cubic periodic box
+    around the molecule (adds stress labels), None for an isolated molecule. out: destination
+    (default under ``cache_dir``); reused when its ``.json`` sidecar records the same parameters,
+    unless ``force``.
+    """
+    params = dataset_parameters(molecule, n_frames, temperature_K, seed, timestep_fs, stride,
+                                equilibration_steps, friction_per_fs, box_A)
+    out = out or default_path(params, cache_dir)
+    if not force and _cached(out, params):
+        return out
+    from ase.io import write
+
+    t0 = time.perf_counter()
+    frames = run_md_frames(params, molecule, box_A, progress=progress)
+    seconds = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    write(tmp, frames, format="extxyz")
+    with open(tmp + ".json", "w") as fh:
+        json.dump({"parameters": params, "n_atoms": len(frames[0]), "seconds": round(seconds, 2),
+                   "units": {"energy": "eV", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3"}},
+                  fh, indent=1)
+    os.replace(tmp, out)
+    os.replace(tmp + ".json", out + ".json")
+    return out
+
+
+def split_dataset(path: str, test_fraction: float, seed: int = 0, out_dir: Optional[str] = None) -> Sequence[str]:
+    """Split an extxyz file into ``(train_path, test_path)`` with a seeded shuffle.
+
+    Used by the demo to keep a held-out test set that training never sees. Files are written next to
+    ``path`` (or into ``out_dir``) as ``<stem>.train.extxyz`` / ``<stem>.test.extxyz``.
+    """
+    import numpy as np
+    from ase.io import read, write
+
+    if not 0.0 < test_fraction < 1.0:
+        raise DatagenError(f"test_fraction must be between 0 and 1 (got {test_fraction})")
+    frames = read(path, index=":")
+    n_test = max(1, int(round(test_fraction * len(frames))))
+    if n_test >= len(frames):
+        raise DatagenError(f"'{path}' has {len(frames)} frames: too few to hold out {n_test} for testing")
+    order = np.random.default_rng(seed).permutation(len(frames))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out_dir = out_dir or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for tag, idx in (("train", order[n_test:]), ("test", order[:n_test])):
+        p = os.path.join(out_dir, f"{stem}.{tag}.extxyz")
+        write(p, [frames[i] for i in sorted(idx)], format="extxyz")
+        paths.append(p)
+    return tuple(paths)
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """Arguments of ``equiforce datagen`` (pass a subparser to attach them to a CLI)."""
+    p = parser or argparse.ArgumentParser(
+        prog="equiforce datagen",
+        description="Make a GFN2-xTB reference data set (extxyz: energy eV, forces eV/Å) by Langevin MD.")
+    p.add_argument("--molecule", default="CH3CH2OH",
+                   help="ase.build.molecule name or structure file (default CH3CH2OH, ethanol)")
+    p.add_argument("--frames", type=int, default=300, help="number of frames to keep (default 300)")
+    p.add_argument("--temperature", type=float, default=800.0, help="Langevin temperature in K (default 800)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--timestep", type=float, default=0.5, help="MD time step in fs (default 0.5)")
+    p.add_argument("--stride", type=int, default=40, help="MD steps between kept frames (default 40)")
+    p.add_argument("--equilibration", type=int, default=400, help="MD steps before the first frame (default 400)")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs (default 0.01)")
+    p.add_argument("--box", type=float, default=None,
+                   help="cubic periodic box edge in Å (adds stress labels); default: isolated molecule")
+    p.add_argument("-o", "--out", default=None, help=f"output extxyz (default: under {DEFAULT_CACHE_DIR}/)")
+    p.add_argument("--force", action="store_true", help="regenerate even when a cached file matches")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> str:
+    """Run ``equiforce datagen`` for parsed arguments; prints the output path and returns it."""
+    t0 = time.perf_counter()
+    path = make_md_dataset(args.molecule, args.frames, args.temperature, args.seed, args.out,
+                           timestep_fs=args.timestep, stride=args.stride, equilibration_steps=args.equilibration,
+                           friction_per_fs=args.friction, box_A=args.box, force=args.force,
+                           progress=not args.quiet)
+    if not args.quiet:
+        print(f"datagen: {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    print(path)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: ``python -m equiforce.datagen [options]``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        run_from_args(args)
+    except DatagenError as exc:
+        print(f"equiforce datagen: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
