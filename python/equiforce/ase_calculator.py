@@ -78,7 +78,8 @@ class EquiforceCalculator(Calculator):
             edge_index, edge_shift, _ = neighbor_list(pos, self.r_max, cell, torch.tensor(pbc, device=self.device))
         except ValueError as exc:
             raise ValueError(f"EquiforceCalculator: cannot build neighbours for these Atoms: {exc}") from None
-        energy, per_atom, forces, virial = self.module(pos, species, edge_index, edge_shift, cell, n)
+        with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
+            energy, per_atom, forces, virial = self.module(pos, species, edge_index, edge_shift, cell, n)
         e = float(energy)
         self.results = {
             "energy": e,

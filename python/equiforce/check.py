@@ -69,7 +69,8 @@ class Auditor:
         c = torch.tensor(cell if cell is not None else np.zeros((3, 3)), dtype=self.dtype)
         pbc = torch.tensor([cell is not None] * 3)
         edge_index, shift, _ = neighbor_list(p, self.r_max, c, pbc)
-        e, _, f, v = self.module(p, torch.tensor(species, dtype=torch.long), edge_index, shift, c, len(pos))
+        with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
+            e, _, f, v = self.module(p, torch.tensor(species, dtype=torch.long), edge_index, shift, c, len(pos))
         return float(e), f.double().numpy(), v.double().numpy()
 
 

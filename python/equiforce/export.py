@@ -21,6 +21,11 @@ Returns ``energy`` [] (eV, sum over local atoms), ``per_atom_energy`` [N] (eV; g
 ``forces`` [N, 3] (eV/Å, ``-d energy / d pos`` on every atom given, ghosts included) and
 ``virial`` [3, 3] (eV, ``-sum_e r_e (x) dE/dr_e``; stress = -virial / volume).
 
+Run the module with TorchScript's graph optimiser off (``torch.jit.optimized_execution(False)``
+in Python, ``torch::jit::setGraphExecutorOptimize(false)`` in C++): the model has nothing for the
+fuser to gain, and with it on, every new atom or edge count triggers a slow re-profiling pass
+(measured: 0.1-0.4 s on each of the first calls, against 3 ms per call for a small molecule).
+
 Metadata lives in the file as the extra file ``equiforce_metadata.json`` (see
 :func:`build_metadata`); engines read it with ``torch.jit.load(..., _extra_files=...)`` in Python
 and ``torch::jit::load(path, device, extra_files)`` in C++.
