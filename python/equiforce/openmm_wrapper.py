@@ -1,0 +1,163 @@
+"""The TorchScript module that openmm-torch's ``TorchForce`` calls.
+
+openmm-torch calls ``forward(positions)`` (non-periodic) or ``forward(positions, box_vectors)``
+(periodic, after ``setUsesPeriodicBoundaryConditions(True)``) with
+
+* ``positions``   [N_total, 3] nm, every particle of the OpenMM ``System`` (float64 on the
+  Reference and CPU platforms, not wrapped into the box);
+* ``box_vectors`` [3, 3] nm, the periodic box vectors as rows (OpenMM's reduced triclinic form).
+
+and :class:`OpenMMPotential` returns ``(energy, forces)`` with energy in kJ/mol and forces
+[N_total, 3] in kJ/mol/nm (``TorchForce.setOutputsForces(True)``). The forces are the exported
+model's own autograd forces (``-dE/dpos`` taken once inside the exported file): exact, and cheaper
+than letting openmm-torch differentiate the whole wrapper a second time. Particles outside the ML
+region get zero force.
+
+Unit conversions (the package works in eV and Å)::
+
+    1 nm = 10 Å                     positions_Å = 10 * positions_nm,  cell_Å = 10 * box_nm
+    1 eV = 96.48533212331002 kJ/mol energy_kJ/mol = 96.48533212331002 * energy_eV
+                                    forces_kJ/mol/nm = 964.8533212331002 * forces_eV/Å
+
+Unit conversion and wrapping into the box are done in float64; the result is then cast to the
+model's dtype (float32 or float64, from the file's metadata), and energy and forces are cast back
+to the dtype OpenMM passed on return.
+
+Neighbours: a Verlet list on top of :func:`equiforce.neighbors.neighbor_list` (O(N) cell list,
+periodic and triclinic boxes, boxes thinner than the cutoff). Candidate pairs within
+``r_max + skin`` are kept in module buffers and reused until an atom has moved ``skin / 2`` since
+the last search or the box vectors change; on every call exactly the pairs with ``|r| < r_max``
+are passed to the model (the contract of :mod:`equiforce.export`), so results do not depend on
+the skin.
+"""
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .neighbors import neighbor_list
+
+#: kJ/mol per eV (CODATA 2018 e * N_A / 1000).
+EV_TO_KJ_PER_MOL = 96.48533212331002
+#: Å per nm.
+NM_TO_ANGSTROM = 10.0
+
+
+class OpenMMPotential(nn.Module):
+    """An exported equiforce model as a ``TorchForce`` module (nm, kJ/mol in; kJ/mol, kJ/mol/nm out).
+
+    Args:
+        model: the exported TorchScript module (``equiforce.export.load_exported``), signature
+            ``(pos Å, species, edge_index, edge_shift Å, cell Å, n_local) -> (E eV, e_i, F eV/Å, virial)``.
+        metadata: its metadata dict (``species``, ``r_max``, ``dtype`` are used).
+        species: [M] int64 model species index of each ML atom.
+        atoms: indices of the M ML atoms in the OpenMM ``System``; ``None`` means the system is
+            exactly the M ML atoms in order.
+        periodic: whether ``forward`` receives box vectors and applies periodic images.
+        skin: Verlet-list skin (Å). Candidate pairs within ``r_max + skin`` come from
+            ``equiforce.neighbors.neighbor_list`` (cell list) and are reused until an atom has moved
+            ``skin / 2`` or the box changes; every call keeps exactly the pairs with ``|r| < r_max``,
+            so results equal a fresh neighbour search. ``skin = 0`` searches on every call.
+    """
+
+    def __init__(self, model: torch.jit.ScriptModule, metadata: Dict[str, Any], species: Tensor,
+                 atoms: Optional[List[int]] = None, periodic: bool = False, skin: float = 1.0):
+        super().__init__()
+        dtype = {"float32": torch.float32, "float64": torch.float64}[metadata["dtype"]]
+        self.model = model
+        self.register_buffer("species", species.to(torch.long).clone())
+        self.register_buffer("atoms", torch.tensor(atoms if atoms is not None else [], dtype=torch.long))
+        # zero-size tensor that carries the model dtype (TorchScript-friendly way to store a dtype)
+        self.register_buffer("dtype_probe", torch.zeros(0, dtype=dtype))
+        self.use_subset = atoms is not None
+        self.n_ml = int(species.shape[0])
+        self.max_index = int(max(atoms)) if atoms else -1
+        self.r_max = float(metadata["r_max"])
+        self.periodic = bool(periodic)
+        self.species_names: List[str] = list(metadata["species"])
+        self.metadata_json = json.dumps(metadata)
+        self.energy_scale = EV_TO_KJ_PER_MOL
+        self.force_scale = EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM
+        self.length_scale = NM_TO_ANGSTROM
+        # Verlet list: candidates within r_max + skin, rebuilt when an atom moved more than skin / 2
+        self.skin = float(skin)
+        self.rebuilds = 0
+        self.register_buffer("ref_pos", torch.zeros((0, 3), dtype=torch.float64))
+        self.register_buffer("ref_cell", torch.zeros((3, 3), dtype=torch.float64))
+        self.register_buffer("wrap", torch.zeros((0, 3), dtype=torch.float64))
+        self.register_buffer("cand_index", torch.zeros((2, 0), dtype=torch.long))
+        self.register_buffer("cand_shift", torch.zeros((0, 3), dtype=dtype))
+
+    def _update_candidates(self, pos: Tensor, cell: Tensor, pbc: Tensor) -> None:
+        """Rebuild the candidate pairs (cell list, cutoff r_max + skin) when needed.
+
+        Needed on the first call, when the box changed (barostat), or when some atom moved by
+        skin / 2 or more since the last build: then no pair now closer than r_max can be missing.
+        ``pos`` and ``cell`` are unwrapped positions and box (Å, float64)."""
+        rebuild = self.skin <= 0.0 or self.ref_pos.shape[0] != pos.shape[0] or not torch.equal(cell, self.ref_cell)
+        if not rebuild:
+            d = pos - self.ref_pos
+            rebuild = bool((d * d).sum(1).max() * 4.0 >= 0.99 * self.skin * self.skin)
+        if rebuild:
+            if self.periodic:
+                if bool(torch.abs(torch.linalg.det(cell)) < 1e-9):
+                    raise ValueError("equiforce OpenMMPotential: the periodic box vectors have zero volume")
+                frac = torch.linalg.solve(cell.transpose(0, 1), pos.transpose(0, 1)).transpose(0, 1)
+                wrap = torch.floor(frac)
+            else:
+                wrap = torch.zeros_like(pos)
+            dtype = self.dtype_probe.dtype
+            pos_w = (pos - wrap @ cell).to(dtype)
+            index, shift, _ = neighbor_list(pos_w, self.r_max + max(self.skin, 0.0), cell.to(dtype), pbc)
+            self.ref_pos = pos.clone()
+            self.ref_cell = cell.clone()
+            self.wrap = wrap
+            self.cand_index = index
+            self.cand_shift = shift
+            self.rebuilds += 1
+
+    def forward(self, positions: Tensor, box_vectors: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        positions = positions.detach()
+        n_total = positions.shape[0]
+        if self.use_subset:
+            if n_total <= self.max_index:
+                raise ValueError("equiforce OpenMMPotential: the System has fewer particles than the "
+                                 "largest ML atom index; pass atoms= indices that exist in the System")
+            pos_nm = positions.index_select(0, self.atoms)
+        else:
+            if n_total != self.n_ml:
+                raise ValueError("equiforce OpenMMPotential: the System's particle count differs from the "
+                                 "number of elements the force was created with; pass atoms= to select "
+                                 "the ML region")
+            pos_nm = positions
+        pos = pos_nm.to(torch.float64) * self.length_scale  # Å, float64 whatever OpenMM passes
+        dtype = self.dtype_probe.dtype
+        if self.periodic:
+            if box_vectors is None:
+                raise ValueError("equiforce OpenMMPotential was created with periodic=True but OpenMM passed "
+                                 "no box vectors; call setUsesPeriodicBoundaryConditions(True) on the force")
+            cell = box_vectors.detach().to(torch.float64) * self.length_scale  # rows a, b, c (Å)
+            pbc = torch.tensor([True, True, True], device=pos.device)
+        else:
+            cell = torch.zeros((3, 3), dtype=torch.float64, device=pos.device)
+            pbc = torch.tensor([False, False, False], device=pos.device)
+        self._update_candidates(pos, cell, pbc)
+        # the wrap fixed at the last rebuild (OpenMM does not wrap): whole lattice vectors, in float64,
+        # which also keeps float32 models accurate for atoms that diffused many boxes away
+        pos = (pos - self.wrap @ cell).to(dtype)
+        cell = cell.to(dtype)
+        # exact pair set |r| < r_max, the same test and arithmetic as neighbor_list(pos, r_max, ...)
+        i, j = self.cand_index[0], self.cand_index[1]
+        vec = pos.index_select(0, j) - pos.index_select(0, i) + self.cand_shift
+        keep = torch.nonzero((vec * vec).sum(1) < self.r_max * self.r_max).reshape(-1)
+        edge_index = self.cand_index.index_select(1, keep)
+        edge_shift = self.cand_shift.index_select(0, keep)
+        energy, _, forces, _ = self.model(pos, self.species, edge_index, edge_shift, cell, self.n_ml)
+        energy = energy.to(positions.dtype) * self.energy_scale
+        forces = forces.to(positions.dtype) * self.force_scale
+        if self.use_subset:
+            full = torch.zeros((n_total, 3), dtype=positions.dtype, device=positions.device)
+            full.index_copy_(0, self.atoms, forces)
+            forces = full
+        return energy, forces
