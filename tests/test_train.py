@@ -197,3 +197,49 @@ def test_atomic_energies_must_cover_species(dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"atomic_energies lacks \['O'\]"):
         train(small_config(dataset, tmp_path / "run", epochs=1, atomic_energies={"H": 0.0}),
               progress=False, log=lambda s: None)
+
+
+def test_isolated_atom_frames_become_species_shifts(tmp_path):
+    """Single-atom, non-periodic frames (MACE's "E0s") set the shift of their species; the other
+    species are fitted by least squares on the remaining energy; the frames are not trained on."""
+    import ase
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from equiforce.train import is_isolated_atom, isolated_atom_energies
+
+    mu = {"H": -13.6, "C": -1029.5, "O": -2041.25}
+    e_iso_h = -12.9  # differs from the linear-fit value on purpose
+    rng = np.random.default_rng(1)
+    frames = []
+    for formula in ["H2O", "CH4", "CO2", "C2H6O", "O2", "H2"]:
+        atoms = ase.Atoms(formula, positions=rng.uniform(0, 3, size=(len(ase.Atoms(formula)), 3)))
+        energy = sum(mu[s] for s in atoms.get_chemical_symbols())
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=rng.normal(size=(len(atoms), 3)))
+        frames.append(atoms)
+    iso = ase.Atoms("H", positions=[[0.0, 0.0, 0.0]])
+    iso.calc = SinglePointCalculator(iso, energy=e_iso_h, forces=np.zeros((1, 3)))
+    frames.append(iso)
+    path = str(tmp_path / "with_iso.extxyz")
+    ase.io.write(path, frames, format="extxyz")
+    graphs, species = load_dataset(path, 3.0)
+    refs = isolated_atom_energies(graphs, species)
+    assert refs == {"H": pytest.approx(e_iso_h)}
+    assert [is_isolated_atom(g) for g in graphs] == [False] * 6 + [True]
+    known = {species.index("H"): e_iso_h}
+    _, shift = fit_scale_shift([g for g in graphs if not is_isolated_atom(g)], len(species), known)
+    assert shift[species.index("H")] == pytest.approx(e_iso_h, abs=1e-12)
+    # C and O absorb the energy H does not explain: least squares over the molecules
+    counts = np.array([[sum(1 for s in a.get_chemical_symbols() if s == x) for x in species] for a in frames[:6]])
+    energies = np.array([a.get_potential_energy() for a in frames[:6]]) - counts[:, 0] * e_iso_h
+    expect = np.linalg.lstsq(counts[:, 1:], energies, rcond=None)[0]
+    assert np.allclose(shift.numpy()[1:], expect, atol=1e-8)
+    # a training run drops the isolated frame from the split and uses its energy
+    config = small_config(path, tmp_path / "run", epochs=1, batch_size=2, val_fraction=0.34,
+                          **{"model.r_max": 3.0})
+    result = train(config, progress=False, log=lambda s: None)
+    model, _ = model_from_checkpoint(load_checkpoint(str(tmp_path / "run" / "best.pt")))
+    assert float(model.shift[species.index("H")]) == pytest.approx(e_iso_h, abs=1e-10)
+    state = load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert len(state["split"]["train"]) + len(state["split"]["val"]) + len(state["split"]["test"]) == 6
+    assert result["epoch"] == 1

@@ -82,15 +82,16 @@ class StepFailed(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 def step_data(ctx: Context) -> str:
     a = ctx.args
-    data = os.path.join(REPO, "data_cache", f"demo_{a.molecule}_{a.frames}f_{a.temperature:g}K_s{a.seed}.extxyz")
+    data = os.path.join(REPO, "data_cache", f"demo_{a.molecule}_{a.frames}f_{a.temperature:g}K_s{a.seed}_iso.extxyz")
     env = dict(ctx.env, OMP_NUM_THREADS="1")  # xTB of a 9-atom molecule gains nothing from threads
     run([sys.executable, "-m", "equiforce.datagen", "--molecule", a.molecule, "--frames", str(a.frames),
-         "--temperature", str(a.temperature), "--seed", str(a.seed), "-o", data, "--quiet"], ctx, capture=True, env=env)
+         "--temperature", str(a.temperature), "--seed", str(a.seed), "--isolated-atoms", "-o", data, "--quiet"],
+        ctx, capture=True, env=env)
     ctx.results["data"] = data
     with open(data + ".json") as fh:
         info = json.load(fh)
-    return (f"{a.frames} frames of {a.molecule} ({info['n_atoms']} atoms) at {a.temperature:g} K, "
-            f"GFN2-xTB; generated in {info['seconds']} s (cached: {os.path.relpath(data, REPO)})")
+    return (f"{a.frames} frames of {a.molecule} ({info['n_atoms']} atoms) at {a.temperature:g} K + isolated-atom "
+            f"references, GFN2-xTB; generated in {info['seconds']} s (cached: {os.path.relpath(data, REPO)})")
 
 
 def step_split(ctx: Context) -> str:
@@ -148,6 +149,14 @@ def step_eval(ctx: Context) -> str:
             f"force RMSE {metrics['force_rmse_mev_per_a']:.1f} meV/Å")
 
 
+def step_openmm(ctx: Context) -> str:
+    out = run([sys.executable, os.path.join(REPO, "examples", "openmm", "run_md.py"), "--model", ctx.results["model"],
+               "--steps", str(ctx.args.openmm_steps), "--report-every", str(ctx.args.openmm_steps)], ctx, capture=True)
+    print(out.rstrip())
+    speed = [line for line in out.splitlines() if "steps/s" in line]
+    return speed[-1].strip() if speed else "OpenMM run finished"
+
+
 STEPS: List[Step] = [
     Step("data", "GFN2-xTB reference data (Langevin MD, cached)", step_data),
     Step("split", "train / held-out test split", step_split),
@@ -155,6 +164,7 @@ STEPS: List[Step] = [
     Step("plot", "learning curves", step_plot),
     Step("export", "export to TorchScript with metadata", step_export),
     Step("eval", "evaluate the exported model on the test frames", step_eval),
+    Step("openmm", "Langevin MD of the molecule in OpenMM with the exported model", step_openmm),
 ]
 
 
@@ -176,6 +186,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--symmetry", default="O3", choices=["O3", "SE3"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--openmm-steps", type=int, default=2000, help="OpenMM MD steps (0.5 fs)")
     p.add_argument("--only", nargs="+", metavar="STEP", choices=[s.name for s in STEPS],
                    help="run only these steps (earlier outputs must exist in --out)")
     return p.parse_args(argv)

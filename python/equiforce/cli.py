@@ -198,6 +198,23 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def _add_datagen(p: argparse.ArgumentParser) -> None:
+    from .datagen import build_parser as datagen_parser
+
+    datagen_parser(p)
+
+
+def _run_datagen(args: argparse.Namespace) -> int:
+    from .config import UserError
+    from .datagen import DatagenError, run_from_args
+
+    try:
+        run_from_args(args)
+    except DatagenError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def _add_nothing(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -214,6 +231,7 @@ def _run_lammps_plugin_dir(args: argparse.Namespace) -> int:
 
 
 COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "datagen": ("make a GFN2-xTB reference data set by molecular dynamics (extxyz)", _add_datagen, _run_datagen),
     "train": ("train a model on an extxyz data set", _add_train, _run_train),
     "export": ("export a trained run to one TorchScript file", _add_export, _run_export),
     "info": ("print the metadata of an exported model", _add_info, _run_info),

@@ -97,7 +97,7 @@ def _build_structure(molecule: str, box_A: Optional[float]):
 def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature_K: float = 800.0,
                        seed: int = 0, timestep_fs: float = 0.5, stride: int = 40,
                        equilibration_steps: int = 400, friction_per_fs: float = 0.01,
-                       box_A: Optional[float] = None) -> Dict[str, Any]:
+                       box_A: Optional[float] = None, isolated_atoms: bool = False) -> Dict[str, Any]:
     """The validated parameter set that identifies one data set (stored next to the file)."""
     checks = [
         (isinstance(n_frames, int) and n_frames >= 1, f"n_frames must be an integer >= 1 (got {n_frames!r})"),
@@ -136,6 +136,7 @@ def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperat
         "equilibration_steps": int(equilibration_steps),
         "friction_per_fs": float(friction_per_fs),
         "box_A": None if box_A is None else float(box_A),
+        "isolated_atoms": bool(isolated_atoms),
     }
 
 
@@ -182,6 +183,51 @@ def label_structure(atoms, periodic: bool):
     return frame
 
 
+ISOLATED_ATOM = "IsolatedAtom"  # atoms.info["config_type"] of reference single-atom frames (as MACE)
+
+
+def unpaired_electrons(z: int) -> int:
+    """Ground-state unpaired electrons of a main-group atom by Hund's rule (0 for closed shells);
+    transition metals are not covered (ValueError)."""
+    shells = [2, 8, 8, 18, 18, 32]  # electrons up to the end of each period
+    start = 0
+    for period_len in shells:
+        if z <= start + period_len:
+            v = z - start  # electrons in this period
+            break
+        start += period_len
+    if period_len > 8:
+        if 2 < v <= period_len - 6:
+            raise ValueError(f"element Z={z} is a transition metal: give its multiplicity yourself")
+        v = v if v <= 2 else v - (period_len - 8)
+    if v <= 2:
+        return v % 2
+    p = v - 2
+    return p if p <= 3 else 6 - p
+
+
+def isolated_atom_frames(symbols: Sequence[str]) -> List[Any]:
+    """One GFN2-xTB-labelled single-atom frame per element (spin multiplicity by Hund's rule), marked
+    ``info["config_type"] = "IsolatedAtom"``: `equiforce train` uses their energies as the species
+    shifts, so an isolated atom's energy is its physical reference energy."""
+    import numpy as np
+    from ase import Atoms
+    from ase.data import atomic_numbers
+
+    frames = []
+    for sym in sorted(set(symbols), key=lambda s: atomic_numbers[s]):
+        atoms = Atoms(sym, positions=[[0.0, 0.0, 0.0]])
+        calc = _tblite_calculator(accuracy=LABEL_ACCURACY)
+        calc.set(multiplicity=unpaired_electrons(atomic_numbers[sym]) + 1)
+        atoms.calc = calc
+        energy = float(atoms.get_potential_energy())
+        atoms.calc = None
+        atoms.info = {"energy": energy, "config_type": ISOLATED_ATOM}
+        atoms.arrays["forces"] = np.zeros((1, 3))
+        frames.append(atoms)
+    return frames
+
+
 def run_md_frames(params: Dict[str, Any], molecule: str, box_A: Optional[float],
                   progress: bool = False) -> List[Any]:
     """Run the Langevin MD described by ``params`` and return the labelled frames."""
@@ -218,19 +264,20 @@ def run_md_frames(params: Dict[str, Any], molecule: str, box_A: Optional[float],
 def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature_K: float = 800.0,
                     seed: int = 0, out: Optional[str] = None, *, timestep_fs: float = 0.5, stride: int = 40,
                     equilibration_steps: int = 400, friction_per_fs: float = 0.01,
-                    box_A: Optional[float] = None, cache_dir: str = DEFAULT_CACHE_DIR,
-                    force: bool = False, progress: bool = False) -> str:
+                    box_A: Optional[float] = None, isolated_atoms: bool = False,
+                    cache_dir: str = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = False) -> str:
     """Generate (or reuse) an xTB-labelled MD data set and return the extxyz path.
 
     molecule: name for ``ase.build.molecule`` or a structure file. n_frames: frames kept, one every
     ``stride`` MD steps of ``timestep_fs`` after ``equilibration_steps``. temperature_K: Langevin
     temperature (K), friction ``friction_per_fs`` (1/fs). box_A: edge (Å) of a cubic periodic box
-    around the molecule (adds stress labels), None for an isolated molecule. out: destination
+    around the molecule (adds stress labels), None for an isolated molecule. isolated_atoms: append
+    one labelled single-atom frame per element (:func:`isolated_atom_frames`). out: destination
     (default under ``cache_dir``); reused when its ``.json`` sidecar records the same parameters,
     unless ``force``.
     """
     params = dataset_parameters(molecule, n_frames, temperature_K, seed, timestep_fs, stride,
-                                equilibration_steps, friction_per_fs, box_A)
+                                equilibration_steps, friction_per_fs, box_A, isolated_atoms)
     out = out or default_path(params, cache_dir)
     if not force and _cached(out, params):
         return out
@@ -238,6 +285,8 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
 
     t0 = time.perf_counter()
     frames = run_md_frames(params, molecule, box_A, progress=progress)
+    if isolated_atoms:
+        frames += isolated_atom_frames(frames[0].get_chemical_symbols())
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
@@ -254,7 +303,8 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
 def split_dataset(path: str, test_fraction: float, seed: int = 0, out_dir: Optional[str] = None) -> Sequence[str]:
     """Split an extxyz file into ``(train_path, test_path)`` with a seeded shuffle.
 
-    Used by the demo to keep a held-out test set that training never sees. Files are written next to
+    Used by the demo to keep a held-out test set that training never sees; isolated-atom reference
+    frames all go to the training file. Files are written next to
     ``path`` (or into ``out_dir``) as ``<stem>.train.extxyz`` / ``<stem>.test.extxyz``.
     """
     import numpy as np
@@ -262,7 +312,9 @@ def split_dataset(path: str, test_fraction: float, seed: int = 0, out_dir: Optio
 
     if not 0.0 < test_fraction < 1.0:
         raise DatagenError(f"test_fraction must be between 0 and 1 (got {test_fraction})")
-    frames = read(path, index=":")
+    every = read(path, index=":")
+    references = [a for a in every if a.info.get("config_type") == ISOLATED_ATOM]  # always train
+    frames = [a for a in every if a.info.get("config_type") != ISOLATED_ATOM]
     n_test = max(1, int(round(test_fraction * len(frames))))
     if n_test >= len(frames):
         raise DatagenError(f"'{path}' has {len(frames)} frames: too few to hold out {n_test} for testing")
@@ -273,7 +325,7 @@ def split_dataset(path: str, test_fraction: float, seed: int = 0, out_dir: Optio
     paths = []
     for tag, idx in (("train", order[n_test:]), ("test", order[:n_test])):
         p = os.path.join(out_dir, f"{stem}.{tag}.extxyz")
-        write(p, [frames[i] for i in sorted(idx)], format="extxyz")
+        write(p, [frames[i] for i in sorted(idx)] + (references if tag == "train" else []), format="extxyz")
         paths.append(p)
     return tuple(paths)
 
@@ -294,6 +346,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs (default 0.01)")
     p.add_argument("--box", type=float, default=None,
                    help="cubic periodic box edge in Å (adds stress labels); default: isolated molecule")
+    p.add_argument("--isolated-atoms", action="store_true",
+                   help="append one labelled isolated-atom frame per element (config_type=IsolatedAtom); "
+                        "`equiforce train` takes their energies as the species reference energies")
     p.add_argument("-o", "--out", default=None, help=f"output extxyz (default: under {DEFAULT_CACHE_DIR}/)")
     p.add_argument("--force", action="store_true", help="regenerate even when a cached file matches")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -305,7 +360,8 @@ def run_from_args(args: argparse.Namespace) -> str:
     t0 = time.perf_counter()
     path = make_md_dataset(args.molecule, args.frames, args.temperature, args.seed, args.out,
                            timestep_fs=args.timestep, stride=args.stride, equilibration_steps=args.equilibration,
-                           friction_per_fs=args.friction, box_A=args.box, force=args.force,
+                           friction_per_fs=args.friction, box_A=args.box, isolated_atoms=args.isolated_atoms,
+                           force=args.force,
                            progress=not args.quiet)
     if not args.quiet:
         print(f"datagen: {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -149,9 +149,10 @@ class EquiforceModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         width = max(c // 2, 1)
         self.readout = nn.Sequential(nn.Linear(c, width), NormalizedSiLU(), nn.Linear(width, 1))
-        self.register_buffer("scale", torch.ones(s))
-        self.register_buffer("shift", torch.zeros(s))
-        self.register_buffer("isolated_raw", torch.zeros(s))
+        # float64 until the model is cast (shifts are ~1e3 eV: float32 would round them at 1e-4 eV)
+        self.register_buffer("scale", torch.ones(s, dtype=torch.float64))
+        self.register_buffer("shift", torch.zeros(s, dtype=torch.float64))
+        self.register_buffer("isolated_raw", torch.zeros(s, dtype=torch.float64))
         # True while training (parameters change); export freezes e_iso into `isolated_raw`
         self.online_isolated = True
 

@@ -26,6 +26,7 @@ import contextlib
 import csv
 import math
 import os
+import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -52,23 +53,52 @@ IMPROVEMENT_RTOL = 1e-6
 # ---------------------------------------------------------------------------------------------
 # scale and shift
 # ---------------------------------------------------------------------------------------------
-def fit_scale_shift(graphs: Sequence[Graph], num_species: int) -> Tuple[Tensor, Tensor]:
+def fit_scale_shift(graphs: Sequence[Graph], num_species: int,
+                    known_shift: Optional[Dict[int, float]] = None) -> Tuple[Tensor, Tensor]:
     """Per-species ``(scale [S], shift [S])`` in eV (float64).
 
-    shift: least-squares solution of ``E_b ~ sum_s count_bs shift_s`` over ``graphs`` (minimum-norm
-    when the compositions do not determine it). scale: RMS of all force components (eV/Å), the
-    same for every species; 1.0 when all forces are zero.
+    shift: the ``known_shift`` values (isolated-atom energies) where given; the other species by
+    least squares of the remaining energy ``E_b - sum_known count_bs shift_s ~ sum_s count_bs shift_s``
+    over ``graphs`` (minimum-norm when the compositions do not determine it). scale: RMS of all force
+    components (eV/Å), the same for every species; 1.0 when all forces are zero.
     """
+    known = dict(known_shift or {})
     counts = np.zeros((len(graphs), num_species))
     energies = np.zeros(len(graphs))
     for b, g in enumerate(graphs):
         counts[b] = np.bincount(g["species"].numpy(), minlength=num_species)
         energies[b] = float(g["energy"])
-    shift = np.linalg.lstsq(counts, energies, rcond=None)[0]
+    shift = np.zeros(num_species)
+    for s, e in known.items():
+        shift[s] = e
+        energies -= counts[:, s] * e
+    free = [s for s in range(num_species) if s not in known]
+    if free:
+        shift[free] = np.linalg.lstsq(counts[:, free], energies, rcond=None)[0]
     forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
     rms = float(torch.sqrt((forces * forces).mean())) if forces.numel() else 0.0
     scale = np.full(num_species, rms if rms > 0 else 1.0)
     return torch.tensor(scale, dtype=torch.float64), torch.tensor(shift, dtype=torch.float64)
+
+
+def is_isolated_atom(g: Graph) -> bool:
+    """A single atom with no periodic direction: the reference energy of its species."""
+    return int(g["pos"].shape[0]) == 1 and not bool(g["pbc"].any())
+
+
+def isolated_atom_energies(graphs: Sequence[Graph], species: Sequence[str]) -> Dict[str, float]:
+    """Energies (eV) of the isolated-atom structures in ``graphs`` by element (MACE's "E0s" frames).
+    Two different energies for the same element are an error."""
+    out: Dict[str, float] = {}
+    for g in graphs:
+        if is_isolated_atom(g):
+            name = species[int(g["species"][0])]
+            e = float(g["energy"])
+            if name in out and abs(out[name] - e) > 1e-8:
+                raise DataError(f"the data holds two isolated-atom energies for {name} ({out[name]} and {e} eV); "
+                                "keep one")
+            out[name] = e
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,22 +271,28 @@ def build_model(model_config: ModelConfig, species: List[str]) -> EquiforceModel
     return EquiforceModel(model_config, list(species))
 
 
-def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[Graph]) -> Tuple[EquiforceModel, TrainConfig]:
+def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[Graph],
+               isolated: Optional[Dict[str, float]] = None) -> Tuple[EquiforceModel, TrainConfig]:
     """The untrained model of a run: seeded initial weights, ``avg_num_neighbors`` from the training
-    graphs, fitted scale/shift, in the configured dtype. Returns it with the completed config."""
+    graphs, fitted scale/shift, in the configured dtype. Returns it with the completed config.
+
+    Shifts: ``config.atomic_energies`` when set (every species), else the ``isolated`` atom energies
+    found in the data for their species and least squares for the rest."""
     torch.manual_seed(config.seed)
     mc = ModelConfig.from_dict({**config.model.to_dict(), "avg_num_neighbors": average_num_neighbors(train_graphs)})
     config = config.replace(model=mc)
     model = build_model(config.model, species)
-    scale, shift = fit_scale_shift(train_graphs, len(species))
+    known = {species.index(name): e for name, e in (isolated or {}).items() if name in species}
+    scale, shift = fit_scale_shift(train_graphs, len(species), known)
     if config.atomic_energies is not None:
         missing = [s for s in species if s not in config.atomic_energies]
         if missing:
             raise ConfigError(f"atomic_energies lacks {missing}; give an energy (eV) for every species in the "
                               f"data {species} or remove atomic_energies to fit the shifts by least squares")
         shift = torch.tensor([config.atomic_energies[s] for s in species], dtype=torch.float64)
+    model = model.to(DTYPES[config.dtype])
     model.set_scale_shift(scale, shift)
-    return model.to(DTYPES[config.dtype]), config
+    return model, config
 
 
 def model_from_checkpoint(state: dict, use_ema: bool = True) -> Tuple[EquiforceModel, TrainConfig]:
@@ -352,6 +388,14 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
     species = None if state is None else list(state["species"])
     graphs, species = load_dataset(config.data, config.model.r_max, species, config.energy_key,
                                    config.forces_key, config.stress_key)
+    # single isolated atoms are reference energies (the species shifts), not training structures
+    isolated = isolated_atom_energies(graphs, species)
+    graphs = [g for g in graphs if not is_isolated_atom(g)]
+    if not graphs:
+        raise DataError(f"'{config.data}' holds only isolated atoms; add structures to train on")
+    if isolated and progress:
+        print("equiforce train: isolated-atom energies used as species shifts: "
+              + ", ".join(f"{k} {v:.6f} eV" for k, v in isolated.items()), file=sys.stderr)
     if state is None:
         train_idx, val_idx, test_idx = split_indices(len(graphs), config.val_fraction, config.test_fraction, config.seed)
     else:
@@ -364,7 +408,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
     val_graphs = [graphs[k] for k in val_idx]
 
     if state is None:
-        model, config = init_model(config, species, train_graphs)
+        model, config = init_model(config, species, train_graphs, isolated)
         model = model.to(device=device)
     else:
         torch.manual_seed(config.seed)
