@@ -14,6 +14,7 @@ References and tolerances:
 import os
 import time
 
+import ase
 import numpy as np
 import pytest
 from ase.build import molecule
@@ -163,3 +164,30 @@ def test_main_cli(tmp_path, capsys):
     assert len(read(out, index=":")) == 1
     rc = datagen.main(["--molecule", "Unobtainium", "--quiet", "-o", out])
     assert rc == 2 and "unknown molecule" in capsys.readouterr().err
+
+
+def test_isolated_atom_references_and_split(tmp_path):
+    """Isolated-atom frames carry the xTB single-atom energy and always land in the training file."""
+    from ase.io import read, write
+    from tblite.ase import TBLite
+
+    from equiforce.datagen import ISOLATED_ATOM, isolated_atom_frames, split_dataset
+
+    frames = isolated_atom_frames(["O", "H", "O"])
+    assert [a.get_chemical_symbols()[0] for a in frames] == ["H", "O"]
+    assert all(a.info["config_type"] == ISOLATED_ATOM for a in frames)
+    for a in frames:
+        ref = ase.Atoms(a.get_chemical_symbols(), positions=[[1.0, 2.0, 3.0]])
+        ref.calc = TBLite(method="GFN2-xTB", verbosity=0, accuracy=datagen.LABEL_ACCURACY)
+        assert abs(a.info["energy"] - ref.get_potential_energy()) < 1e-8
+        assert np.all(a.arrays["forces"] == 0.0)
+    mols = [ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74 + 0.01 * k]]) for k in range(6)]
+    for k, m in enumerate(mols):
+        m.info["energy"] = -1.0 - 0.01 * k
+        m.arrays["forces"] = np.zeros((2, 3))
+    path = str(tmp_path / "all.extxyz")
+    write(path, mols + frames, format="extxyz")
+    train, test = split_dataset(path, 0.5, seed=0)
+    tr, te = read(train, index=":"), read(test, index=":")
+    assert len(te) == 3 and len(tr) == 3 + 2
+    assert sum(a.info.get("config_type") == ISOLATED_ATOM for a in tr) == 2
