@@ -1,9 +1,9 @@
 """Langevin MD of a molecule with an exported equiforce model in OpenMM; prints steps/s.
 
     PYTHONPATH=python python examples/openmm/run_md.py --model model.pt [--pdb mol.pdb]
-        [--steps 2000] [--platform CPU] [--temperature 300]
+        [--structure frames.extxyz] [--steps 2000] [--platform CPU] [--temperature 300]
 
-Without ``--pdb`` the demo C2H6O cluster is used; without ``--model`` the analytic test model.
+Without ``--pdb`` or ``--structure`` the demo C2H6O cluster is used; without ``--model`` the analytic test model.
 Units: OpenMM's (nm, ps, kJ/mol) outside, the model's (Å, eV) inside the TorchForce module.
 """
 import argparse
@@ -20,6 +20,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported equiforce model (model.pt)")
     p.add_argument("--pdb", help="molecule as PDB (all atoms must be model species)")
+    p.add_argument("--structure", help="molecule from any file ASE reads (first frame; e.g. a test extxyz)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--timestep-fs", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=300.0)
@@ -31,6 +32,11 @@ def main() -> None:
     if args.pdb:
         pdb = app.PDBFile(args.pdb)
         topology, positions = pdb.topology, pdb.positions
+    elif args.structure:
+        from ase.io import read
+        atoms = read(args.structure, index=0)
+        topology = make_topology(atoms.get_chemical_symbols())
+        positions = atoms.positions / 10.0 * unit.nanometer
     else:
         topology, positions = make_topology(DEMO_SYMBOLS), DEMO_POS / 10.0 * unit.nanometer
     system = create_system(model, topology)
