@@ -7,6 +7,7 @@
 #include <cstring>
 #include <fstream>
 #include <thread>
+#include <unordered_map>
 
 #include <ATen/Parallel.h>
 
@@ -68,7 +69,7 @@ void PairEquiforce::allocate() {
 }
 
 /* ----------------------------------------------------------------------
-   pair_style equiforce [device cpu|cuda|cuda:N|auto]
+   pair_style equiforce [device cpu|cuda|cuda:N|auto] [ghost_shell auto|yes]
 ------------------------------------------------------------------------- */
 
 void PairEquiforce::settings(int narg, char **arg) {
@@ -79,9 +80,15 @@ void PairEquiforce::settings(int narg, char **arg) {
         error->all(FLERR, "pair_style equiforce: 'device' needs a value: cpu, cuda, cuda:N or auto");
       device_request_ = arg[iarg + 1];
       iarg += 2;
+    } else if (strcmp(arg[iarg], "ghost_shell") == 0) {
+      if (iarg + 1 >= narg || (strcmp(arg[iarg + 1], "auto") != 0 && strcmp(arg[iarg + 1], "yes") != 0))
+        error->all(FLERR, "pair_style equiforce: 'ghost_shell' needs a value: auto (serial-images path on "
+                          "one MPI rank, ghost shell on several) or yes (ghost shell always)");
+      force_ghost_shell_ = strcmp(arg[iarg + 1], "yes") == 0;
+      iarg += 2;
     } else {
       error->all(FLERR, "pair_style equiforce: unknown keyword '{}'; usage: pair_style equiforce "
-                        "[device cpu|cuda|cuda:N|auto]", arg[iarg]);
+                        "[device cpu|cuda|cuda:N|auto] [ghost_shell auto|yes]", arg[iarg]);
     }
   }
 }
@@ -177,19 +184,31 @@ void PairEquiforce::init_style() {
   if (comm->mode != Comm::SINGLE)
     error->all(FLERR, "pair_style equiforce requires comm_modify mode single");
 
-  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+  // one rank: every ghost is a periodic image of a local atom, so the model can run on the local
+  // atoms alone with shifted edges (no ghost neighbour lists, ghost cutoff r_max + skin)
+  use_images_ = comm->nprocs == 1 && !force_ghost_shell_;
+  ghostneigh = use_images_ ? 0 : 1;  // read by Neighbor::init(), which runs after this
+  neighbor->add_request(this, use_images_ ? NeighConst::REQ_FULL : NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
 
+  if (use_images_) {
+    if (comm->me == 0 && logged_path_ != 1)
+      utils::logmesg(lmp, "pair equiforce: serial-images path (1 MPI rank): the model runs on the local atoms "
+                          "only, ghost atoms enter as periodic-image edge shifts; ghost cutoff stays r_max "
+                          "{:.4g} A + neighbor skin {:.4g} A\n", r_max_, neighbor->skin);
+    logged_path_ = 1;
+    return;
+  }
   // ghost shell: every atom within the receptive field of a local atom must be present (with its
   // own neighbours), at any time until the next reneighbouring (hence + skin)
   const double need = receptive_field_ + neighbor->skin;
-  if (comm->cutghostuser < need) {
-    comm->cutghostuser = need;
-    if (comm->me == 0)
-      utils::logmesg(lmp, "pair equiforce: communication cutoff set to {:.4g} A = receptive field {:.4g} A "
-                          "({} layers x r_max {:.4g} A) + neighbor skin {:.4g} A, so multi-layer "
-                          "message passing is exact across MPI ranks\n",
-                     need, receptive_field_, num_layers_, r_max_, neighbor->skin);
-  }
+  if (comm->cutghostuser < need) comm->cutghostuser = need;
+  if (comm->me == 0 && logged_path_ != 0)
+    utils::logmesg(lmp, "pair equiforce: ghost-shell path ({} MPI rank(s){}): communication cutoff set to {:.4g} A "
+                        "= receptive field {:.4g} A ({} layers x r_max {:.4g} A) + neighbor skin {:.4g} A, so "
+                        "multi-layer message passing is exact across MPI ranks\n",
+                   comm->nprocs, force_ghost_shell_ ? ", ghost_shell yes" : "", comm->cutghostuser,
+                   receptive_field_, num_layers_, r_max_, neighbor->skin);
+  logged_path_ = 0;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -210,8 +229,92 @@ void PairEquiforce::compute(int eflag, int vflag) {
     error->all(FLERR, "pair_style equiforce does not compute per-atom virials (compute stress/atom); "
                       "the global virial and per-atom energies are available");
 
+  std::vector<int> atoms;       // LAMMPS indices of the atoms given to the model, locals first
+  std::vector<int64_t> edges;   // pairs (i, j) in the compact numbering of `atoms`
+  std::vector<double> shifts;   // [E*3] Cartesian edge shifts (images path), empty otherwise
+  int n_local = 0;
+  if (use_images_)
+    compute_images(atoms, edges, shifts, n_local);
+  else
+    compute_ghost_shell(atoms, edges, n_local);
+  if (n_local == 0) return;  // this rank owns no atoms of this style (inum == 0)
+  evaluate(atoms, edges, shifts, n_local);
+}
+
+/* ----------------------------------------------------------------------
+   serial-images path: the local atoms only; an edge to a ghost j becomes an edge to the local
+   atom with the same tag, shifted by x[j] - x[owner] (a lattice vector)
+------------------------------------------------------------------------- */
+
+void PairEquiforce::compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges,
+                                   std::vector<double> &shifts, int &n_local) {
   double **x = atom->x;
-  double **f = atom->f;
+  int *type = atom->type;
+  tagint *tag = atom->tag;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const double cutsq_model = r_max_ * r_max_;
+  const int inum = list->inum;
+  int *ilist = list->ilist;
+  int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+
+  std::vector<int> compact(nlocal, -1);
+  for (int i = 0; i < nlocal; i++)  // local atoms of this style, in LAMMPS order
+    if (map[type[i]] >= 0) {
+      compact[i] = static_cast<int>(atoms.size());
+      atoms.push_back(i);
+    }
+  n_local = static_cast<int>(atoms.size());
+  if (n_local == 0) return;
+
+  // tag -> local index, built per call (tags need not be contiguous; no atom map required),
+  // and the owner of each ghost, looked up once per ghost that appears in an edge
+  std::unordered_map<tagint, int> local_of_tag;
+  local_of_tag.reserve(static_cast<size_t>(nlocal) * 2);
+  for (int i = 0; i < nlocal; i++) local_of_tag.emplace(tag[i], i);
+  std::vector<int> owner(nall - nlocal, -1);
+
+  edges.reserve(static_cast<size_t>(inum) * 64);
+  shifts.reserve(static_cast<size_t>(inum) * 96);
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    if (i >= nlocal || map[type[i]] < 0) continue;
+    const int ci = compact[i];
+    const int *jlist = firstneigh[i];
+    for (int jj = 0; jj < numneigh[i]; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (map[type[j]] < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      int o = j;
+      if (j >= nlocal) {
+        int &own = owner[j - nlocal];
+        if (own < 0) {
+          auto it = local_of_tag.find(tag[j]);
+          if (it == local_of_tag.end())
+            error->one(FLERR, "pair equiforce: ghost atom with ID {} has no local owner on this single rank; "
+                              "use 'pair_style equiforce ghost_shell yes'", tag[j]);
+          own = it->second;
+        }
+        o = own;
+      }
+      edges.push_back(ci);
+      edges.push_back(compact[o]);
+      shifts.push_back(x[j][0] - x[o][0]);
+      shifts.push_back(x[j][1] - x[o][1]);
+      shifts.push_back(x[j][2] - x[o][2]);
+    }
+  }
+}
+
+/* ----------------------------------------------------------------------
+   ghost-shell path: local atoms plus every ghost within num_layers hops of a local atom, ghosts
+   being explicit images with their own coordinates (no shifts)
+------------------------------------------------------------------------- */
+
+void PairEquiforce::compute_ghost_shell(std::vector<int> &atoms, std::vector<int64_t> &kept, int &n_local) {
+  double **x = atom->x;
   int *type = atom->type;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
@@ -223,8 +326,7 @@ void PairEquiforce::compute(int eflag, int vflag) {
   int *numneigh = list->numneigh;
   int **firstneigh = list->firstneigh;
 
-  // edges (i, j) with |x_j - x_i| < r_max between atoms of mapped types; ghosts are images with
-  // their own coordinates, so no shifts are needed
+  // edges (i, j) with |x_j - x_i| < r_max between atoms of mapped types
   std::vector<int> estart(nall + 1, 0);
   std::vector<int> enb;
   std::vector<int> ecount(nall, 0);
@@ -275,18 +377,15 @@ void PairEquiforce::compute(int eflag, int vflag) {
   }
   // compact numbering: local atoms first (LAMMPS stores locals before ghosts)
   std::vector<int> compact(nall, -1);
-  std::vector<int> atoms;
-  int n_local = 0;
+  n_local = 0;
   for (int i = 0; i < nall; i++)
     if (hop[i] >= 0) {
       compact[i] = static_cast<int>(atoms.size());
       atoms.push_back(i);
       if (i < nlocal) n_local++;
     }
-  const int n = static_cast<int>(atoms.size());
-  if (n_local == 0) return;  // this rank owns no atoms of this style (inum == 0)
+  if (n_local == 0) return;
 
-  std::vector<int64_t> kept;
   kept.reserve(edges.size());
   for (size_t e = 0; e < nedge_all; e++) {
     const int ci = compact[edges[2 * e]], cj = compact[edges[2 * e + 1]];
@@ -295,7 +394,19 @@ void PairEquiforce::compute(int eflag, int vflag) {
       kept.push_back(cj);
     }
   }
-  const int64_t ne = static_cast<int64_t>(kept.size() / 2);
+}
+
+/* ----------------------------------------------------------------------
+   run the model on `atoms` and tally energy, forces, per-atom energy and virial
+------------------------------------------------------------------------- */
+
+void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges,
+                             std::vector<double> &shifts, int n_local) {
+  double **x = atom->x;
+  double **f = atom->f;
+  int *type = atom->type;
+  const int n = static_cast<int>(atoms.size());
+  const int64_t ne = static_cast<int64_t>(edges.size() / 2);
 
   auto pos = torch::empty({n, 3}, torch::kFloat64);
   auto species = torch::empty({n}, torch::kInt64);
@@ -311,7 +422,9 @@ void PairEquiforce::compute(int eflag, int vflag) {
     }
   }
   // [E, 2] pairs -> [2, E]
-  auto edge_index = torch::from_blob(kept.data(), {ne, 2}, torch::kInt64).t().contiguous();
+  auto edge_index = torch::from_blob(edges.data(), {ne, 2}, torch::kInt64).t().contiguous();
+  torch::Tensor edge_shift;  // undefined = zeros (ghost-shell path)
+  if (!shifts.empty()) edge_shift = torch::from_blob(shifts.data(), {ne, 3}, torch::kFloat64);
   auto cell = torch::zeros({3, 3}, torch::kFloat64);
   {
     auto c = cell.accessor<double, 2>();
@@ -323,11 +436,11 @@ void PairEquiforce::compute(int eflag, int vflag) {
     c[2][2] = domain->zprd;
   }
 
-  if (!dump_path_.empty()) dump_edges(atoms, kept, n_local);
+  if (!dump_path_.empty()) dump_edges(atoms, edges, shifts, n_local);
 
   equiforce::Result res;
   try {
-    res = model_->compute(pos, species, edge_index, torch::Tensor(), cell, n_local);
+    res = model_->compute(pos, species, edge_index, edge_shift, cell, n_local);
   } catch (const std::exception &e) {
     error->one(FLERR, std::string("pair equiforce: ") + e.what());
   }
@@ -345,10 +458,11 @@ void PairEquiforce::compute(int eflag, int vflag) {
     for (int k = 0; k < n_local; k++) eatom[atoms[k]] += ea[k];
   }
   if (vflag_global) {
-    // The model's virial is -sum_e r_e (x) dE/dr_e over all edges given; with ghosts as explicit
-    // images (r_e = x_j - x_i) this equals sum_k x_k (x) F_k over local and ghost atoms, i.e.
-    // exactly what virial_fdotr_compute() would give for these forces, and summed over ranks it
-    // is the derivative of the total energy with respect to a homogeneous strain.
+    // The model's virial is -sum_e r_e (x) dE/dr_e over all edges given. Images path: the exact
+    // periodic virial of the whole system (as in Python). Ghost-shell path: with ghosts as explicit
+    // images (r_e = x_j - x_i) it equals sum_k x_k (x) F_k over local and ghost atoms, i.e. exactly
+    // what virial_fdotr_compute() would give for these forces, and summed over ranks it is the
+    // derivative of the total energy with respect to a homogeneous strain.
     const double *w = res.virial.data_ptr<double>();
     virial[0] += w[0];
     virial[1] += w[4];
@@ -362,10 +476,12 @@ void PairEquiforce::compute(int eflag, int vflag) {
 /* ----------------------------------------------------------------------
    EQUIFORCE_DUMP_EDGES=path: write the edge list given to the model (one file per rank when
    running on several ranks: path.RANK), overwritten at every force evaluation.
-   Columns: tag_i tag_j i_is_local j_is_local rx ry rz (r = x_j - x_i, Angstrom)
+   Columns: tag_i tag_j i_is_local j_is_local rx ry rz (r = x_j - x_i + shift, Angstrom; on the
+   serial-images path j is the local owner of the periodic image)
 ------------------------------------------------------------------------- */
 
-void PairEquiforce::dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges, int n_local) {
+void PairEquiforce::dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges,
+                               const std::vector<double> &shifts, int n_local) {
   std::string path = dump_path_;
   if (comm->nprocs > 1) path += "." + std::to_string(comm->me);
   std::ofstream out(path);
@@ -373,13 +489,17 @@ void PairEquiforce::dump_edges(const std::vector<int> &atoms, const std::vector<
   double **x = atom->x;
   tagint *tag = atom->tag;
   out << "# equiforce edges step " << update->ntimestep << " rank " << comm->me << " atoms " << atoms.size()
-      << " local " << n_local << " edges " << edges.size() / 2 << "\n";
+      << " local " << n_local << " edges " << edges.size() / 2 << " path "
+      << (use_images_ ? "serial-images" : "ghost-shell") << "\n";
   out << "# tag_i tag_j i_is_local j_is_local rx ry rz\n";
   out.precision(17);
   for (size_t e = 0; e < edges.size() / 2; e++) {
     const int ci = static_cast<int>(edges[2 * e]), cj = static_cast<int>(edges[2 * e + 1]);
     const int i = atoms[ci], j = atoms[cj];
-    out << tag[i] << " " << tag[j] << " " << (ci < n_local) << " " << (cj < n_local) << " "
-        << x[j][0] - x[i][0] << " " << x[j][1] - x[i][1] << " " << x[j][2] - x[i][2] << "\n";
+    double r[3] = {x[j][0] - x[i][0], x[j][1] - x[i][1], x[j][2] - x[i][2]};
+    if (!shifts.empty())
+      for (int d = 0; d < 3; d++) r[d] += shifts[3 * e + d];
+    out << tag[i] << " " << tag[j] << " " << (ci < n_local) << " " << (cj < n_local) << " " << r[0] << " "
+        << r[1] << " " << r[2] << "\n";
   }
 }

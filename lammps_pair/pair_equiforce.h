@@ -1,13 +1,20 @@
 // pair_style equiforce: runs an exported equiforce model (see cpp/equiforce_model.h) in LAMMPS.
 //
-//   pair_style equiforce [device cpu|cuda|cuda:N|auto]
+//   pair_style equiforce [device cpu|cuda|cuda:N|auto] [ghost_shell auto|yes]
 //   pair_coeff * * model.pt El1 El2 ...     (one element per atom type, NULL = not this style)
 //
-// Multi-layer message passing is made exact under MPI by widening the ghost shell to the model's
-// receptive field (num_layers * r_max, plus the neighbour skin) and building neighbour lists for
-// ghost atoms too: every rank evaluates the model on its local atoms plus all ghosts that can
-// influence them, sums the energy of its local atoms only, and LAMMPS' reverse communication
-// (newton on) adds the forces that land on ghost atoms to their owners.
+// Two exact evaluation paths:
+//  * serial images (one MPI rank, the default there): every ghost atom is a periodic image of a
+//    local atom. The model sees only the local atoms; a neighbour-list edge (i, j) with j a ghost
+//    becomes (i, owner(j)) with the Cartesian shift x[j] - x[owner(j)], owner = the local atom with
+//    the same tag. The ghost cutoff stays r_max + skin, forces come back summed over images, the
+//    virial comes from the model. Cost: the model on N atoms, as in Python.
+//  * ghost shell (several ranks, or `ghost_shell yes`): multi-layer message passing is made exact
+//    by widening the ghost shell to the model's receptive field (num_layers * r_max, plus the
+//    neighbour skin) and building neighbour lists for ghost atoms too: every rank evaluates the
+//    model on its local atoms plus all ghosts that can influence them, sums the energy of its local
+//    atoms only, and LAMMPS' reverse communication (newton on) adds the forces that land on ghost
+//    atoms to their owners.
 #pragma once
 
 #include <memory>
@@ -34,7 +41,14 @@ class PairEquiforce : public Pair {
 
  protected:
   void allocate();
-  void dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges, int n_local);
+  // edges (i, j) in compact numbering for the atoms `atoms` (LAMMPS indices, locals first)
+  void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
+                      int &n_local);
+  void compute_ghost_shell(std::vector<int> &atoms, std::vector<int64_t> &edges, int &n_local);
+  void evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
+                int n_local);
+  void dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges,
+                  const std::vector<double> &shifts, int n_local);
 
   std::unique_ptr<equiforce::Model> model_;
   std::string device_request_ = "auto";
@@ -43,6 +57,9 @@ class PairEquiforce : public Pair {
   double receptive_field_ = 0.0;
   int num_layers_ = 0;
   int local_rank_ = 0, local_size_ = 1;
+  bool force_ghost_shell_ = false;  // `ghost_shell yes`: ghost-shell path even on one rank
+  bool use_images_ = false;         // this run uses the serial-images path (set in init_style)
+  int logged_path_ = -1;            // path last reported in the log (0 ghost shell, 1 images)
   std::string dump_path_;  // EQUIFORCE_DUMP_EDGES
 };
 

