@@ -159,6 +159,21 @@ def step_openmm(ctx: Context) -> str:
     return speed[-1].strip() if speed else "OpenMM run finished"
 
 
+def step_lammps(ctx: Context) -> str:
+    # float64 copy of the trained model for energy conservation; the deck's default structure is ethanol
+    model64 = ctx.path("model_float64.pt")
+    equiforce(ctx, "export", ctx.results["run_dir"], "-o", model64, "--dtype", "float64")
+    env = dict(ctx.env, OMP_NUM_THREADS="1")
+    out = run(["lmp", "-in", os.path.join("examples", "lammps", "in.nve"), "-var", "model", model64,
+               "-var", "steps", str(ctx.args.lammps_steps), "-log", ctx.path("log.lammps")],
+              ctx, capture=True, env=env)
+    drift = [line for line in out.splitlines() if line.startswith("equiforce NVE:")]
+    speed = [line for line in out.splitlines() if "timesteps/s" in line]
+    if speed:
+        print("  " + speed[-1].strip())
+    return (drift[-1] if drift else "LAMMPS NVE finished") + (f" | {speed[-1].strip()}" if speed else "")
+
+
 STEPS: List[Step] = [
     Step("data", "GFN2-xTB reference data (Langevin MD, cached)", step_data),
     Step("split", "train / held-out test split", step_split),
@@ -166,6 +181,7 @@ STEPS: List[Step] = [
     Step("plot", "learning curves", step_plot),
     Step("export", "export to TorchScript with metadata", step_export),
     Step("eval", "evaluate the exported model on the test frames", step_eval),
+    Step("lammps", "NVE of the molecule in LAMMPS (pair_style equiforce plugin), energy drift", step_lammps),
     Step("openmm", "Langevin MD of the molecule in OpenMM with the exported model", step_openmm),
 ]
 
@@ -188,6 +204,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--symmetry", default="O3", choices=["O3", "SE3"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lammps-steps", type=int, default=2000, help="LAMMPS NVE steps (0.5 fs)")
     p.add_argument("--openmm-steps", type=int, default=2000, help="OpenMM MD steps (0.5 fs)")
     p.add_argument("--only", nargs="+", metavar="STEP", choices=[s.name for s in STEPS],
                    help="run only these steps (earlier outputs must exist in --out)")
