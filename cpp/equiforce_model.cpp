@@ -260,12 +260,6 @@ torch::Device select_device(const std::string &request, int local_rank) {
 
 // ---- model --------------------------------------------------------------------------------------
 
-void configure_jit() {
-  // The profiling executor specialises the graph on the first calls' shapes and re-optimises
-  // when they change (every neighbour-list rebuild); run the graph as scripted instead.
-  torch::jit::setGraphExecutorOptimize(false);
-}
-
 Model::Model(const std::string &path, const torch::Device &device) : path_(path), device_(device) {
   {
     std::ifstream f(path, std::ios::binary);
@@ -273,7 +267,6 @@ Model::Model(const std::string &path, const torch::Device &device) : path_(path)
       throw Error("model file '" + path + "' does not exist or cannot be read; give the path of a file "
                   "written by `equiforce export`");
   }
-  configure_jit();
   torch::jit::ExtraFilesMap extra{{kMetadataFile, ""}};
   try {
     module_ = torch::jit::load(path, device_, extra);
@@ -334,6 +327,11 @@ Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, co
   torch::jit::IValue out;
   try {
     torch::AutoGradMode grad_mode(true);  // the module takes autograd forces inside
+    // The profiling executor specialises the graph on the first calls' shapes and re-optimises
+    // when they change (every neighbour-list rebuild); run the graph as scripted instead. Scoped
+    // to this call: a process-wide switch would change other TorchScript users in the process
+    // (openmm-torch in the same Python process fails to run nested modules without it).
+    torch::jit::GraphOptimizerEnabledGuard no_reoptimisation(false);
     out = module_.forward(inputs);
   } catch (const std::exception &e) {
     throw Error("equiforce: evaluating model '" + path_ + "' failed: " + first_line(e.what()));

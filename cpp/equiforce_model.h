@@ -77,8 +77,4 @@ class Model {
   torch::jit::Module module_;
 };
 
-// Process-wide TorchScript executor settings for stable repeated calls with changing atom and
-// edge counts (no profiling re-specialisation or fusion recompiles). Called by Model's constructor.
-void configure_jit();
-
 }  // namespace equiforce

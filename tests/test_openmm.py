@@ -460,3 +460,20 @@ def test_learned_model_drop_in(tmp_path):
     e, f = evaluate(system, pos + 2 * cell[0] - cell[2], "CPU", box_nm=cell / NM_TO_ANGSTROM)
     assert np.abs(f_ref).max() > 1.0
     assert_close(e, f, e_ref, f_ref)
+
+
+def test_openmm_after_cpp_runtime_in_same_process(model_paths):
+    """The C++ runtime (LAMMPS's engine) must not change TorchScript settings for the rest of the
+    process: OpenMM evaluated after it in the same process still equals the Python model."""
+    from equiforce import _runtime
+
+    runtime = _runtime.Model(model_paths["float64"], "cpu")
+    pos = DEMO_POS.astype(np.float64)
+    species = np.array([SPECIES.index(s) for s in DEMO_SYMBOLS], dtype=np.int64)
+    pairs = np.array([[i, j] for i in range(len(pos)) for j in range(len(pos))
+                      if i != j and np.linalg.norm(pos[i] - pos[j]) < 4.0], dtype=np.int64).T
+    runtime.compute(pos, species, pairs, np.zeros((pairs.shape[1], 3)), np.zeros((3, 3)), len(pos))
+    system = create_system(model_paths["float64"], make_topology(DEMO_SYMBOLS))
+    e_ref, f_ref = python_reference(model_paths["float64"], DEMO_POS, DEMO_SYMBOLS)
+    e, f = evaluate(system, DEMO_POS, "Reference")
+    assert_close(e, f, e_ref, f_ref)
