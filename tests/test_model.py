@@ -270,3 +270,17 @@ def test_bad_model_settings_are_clear_errors(bad, match):
         EquiforceModel(ModelConfig(**bad), SPECIES)
     with pytest.raises(ValueError, match="unknown model settings"):
         ModelConfig.from_dict({"rmax": 5.0})
+
+
+def test_float32_model_exports(tmp_path):
+    """A float32 model (float64 scale/shift buffers) exports and matches its eager self."""
+    model = make_model("O3", seed=17, dtype=torch.float32)
+    atoms = molecule(18)
+    e = evaluate(model, atoms, torch.float32)[0]
+    path = str(tmp_path / "f32.pt")
+    export_model(model.for_export(), path, torch.float32, symmetry="O3")
+    module, meta = load_exported(path)
+    assert meta["dtype"] == "float32"
+    pos, species, edge_index, shift = graph(atoms, model.r_max, torch.float32)
+    e2 = module(pos, species, edge_index, shift, torch.zeros(3, 3), len(atoms))[0]
+    assert abs(float(e2) - float(e)) < 1e-4 * max(1.0, abs(float(e)))

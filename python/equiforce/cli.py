@@ -1,10 +1,11 @@
 """The ``equiforce`` command line.
 
     equiforce train --data train.extxyz --out run/ [--config c.yaml] [flags overriding the YAML]
+    equiforce train ... [--dipole direct|charges|both] [--direct-forces] [--rotation-augmentation] [--lmax 0]
     equiforce train --out run/ --resume [--epochs N] [--max-minutes M]
     equiforce export run/ -o model.pt [--dtype float64] [--checkpoint best|last]
     equiforce info model.pt
-    equiforce eval model.pt data.extxyz [--json]
+    equiforce eval model.pt data.extxyz [--json]        (dipole MAE too, for dipole models)
     equiforce plot run/ [-o curves.png]
     equiforce check model.pt
     equiforce lammps-plugin-dir
@@ -55,6 +56,13 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--energy-key", "energy_key", str, "name of the energy label (energy)"),
     ("--forces-key", "forces_key", str, "name of the forces label (forces)"),
     ("--stress-key", "stress_key", str, "name of the stress label (stress)"),
+    ("--dipole", "model.dipole", str, "dipole head: none, direct, charges or both (none); label --dipole-key"),
+    ("--dipole-key", "dipole_key", str, "name of the dipole label in e·Å (dipole)"),
+]
+# flag -> (config key, help): switches that are true when given
+TRAIN_SWITCHES: List[Tuple[str, str, str]] = [
+    ("--direct-forces", "model.direct_forces", "forces from a per-atom l=1 head, not -dE/dr (non-conservative baseline)"),
+    ("--rotation-augmentation", "rotation_augmentation", "rotate every training structure randomly"),
 ]
 
 
@@ -66,6 +74,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, key, typ, help_ in TRAIN_FLAGS:
         p.add_argument(flag, dest=key.replace(".", "__"), type=typ, help=help_)
+    for flag, key, help_ in TRAIN_SWITCHES:
+        p.add_argument(flag, dest=key.replace(".", "__"), action="store_const", const=True, default=None, help=help_)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -76,6 +86,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise ConfigError("give the configuration once (either positional or --config)")
     yaml_path = args.config or args.config_file
     overrides = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in TRAIN_FLAGS}
+    overrides.update({key: getattr(args, key.replace(".", "__")) for _, key, _ in TRAIN_SWITCHES})
     if args.out is not None:
         overrides["out"] = args.out
     if args.resume:
@@ -163,12 +174,15 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
     p.add_argument("--stress-key", default="stress")
+    p.add_argument("--dipole-key", default="dipole", help="dipole label (e·Å); MAE reported for dipole models")
+    p.add_argument("--charge-key", default="charge", help="total-charge label (e); 0 when absent")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_exported, format_metrics
 
-    metrics = evaluate_exported(args.model, args.data, args.energy_key, args.forces_key, args.stress_key)
+    metrics = evaluate_exported(args.model, args.data, args.energy_key, args.forces_key, args.stress_key,
+                                args.dipole_key, args.charge_key)
     print(json.dumps(metrics, indent=1) if args.json else format_metrics(metrics))
     return 0
 

@@ -7,6 +7,8 @@ YAML layout (every key optional; the defaults are the values below)::
     energy_key: energy        # label names (see equiforce.data)
     forces_key: forces
     stress_key: stress
+    dipole_key: dipole        # dipole label (e·Å), used when model.dipole != none
+    charge_key: charge        # total charge of a structure (e), default 0 when absent
     val_fraction: 0.1
     test_fraction: 0.0
     seed: 0
@@ -26,6 +28,8 @@ YAML layout (every key optional; the defaults are the values below)::
     energy_weight: 1.0        # loss weights: energy per atom (eV/atom)^2,
     forces_weight: 10.0       #   forces (eV/Å)^2,
     stress_weight: 1.0        #   stress (eV/Å^3)^2 on structures that have it
+    dipole_weight: 1.0        #   dipole (e·Å)^2 per component, on structures that have it
+    rotation_augmentation: false  # rotate every training structure randomly each time it is used
     atomic_energies: null     # per-species shift: null = least squares of E on species counts;
                               #   or isolated-atom energies in eV, e.g. {H: -13.6, O: -2041.3}
     dtype: float32            # float32 | float64
@@ -37,6 +41,8 @@ YAML layout (every key optional; the defaults are the values below)::
       lmax: 2
       num_layers: 3
       symmetry: O3            # O3 | SE3
+      dipole: none            # none | direct | charges | both (dipole head, e·Å)
+      direct_forces: false    # true: forces from a per-atom l=1 head (non-conservative baseline)
 """
 import dataclasses
 import math
@@ -80,6 +86,8 @@ class TrainConfig:
     energy_key: str = "energy"
     forces_key: str = "forces"
     stress_key: str = "stress"
+    dipole_key: str = "dipole"
+    charge_key: str = "charge"
     val_fraction: float = 0.1
     test_fraction: float = 0.0
     seed: int = 0
@@ -99,6 +107,8 @@ class TrainConfig:
     energy_weight: float = 1.0
     forces_weight: float = 10.0
     stress_weight: float = 1.0
+    dipole_weight: float = 1.0
+    rotation_augmentation: bool = False
     atomic_energies: Optional[Dict[str, float]] = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -159,7 +169,8 @@ class TrainConfig:
             raise ConfigError(f"max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "min_lr", "grad_clip", "energy_weight", "forces_weight", "stress_weight"):
+        for name in ("weight_decay", "min_lr", "grad_clip", "energy_weight", "forces_weight", "stress_weight",
+                     "dipole_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.energy_weight == 0 and self.forces_weight == 0 and self.stress_weight == 0:

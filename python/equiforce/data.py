@@ -9,6 +9,10 @@ Where labels are looked up (``energy_key``, ``forces_key``, ``stress_key``; defa
    ``info``/``arrays`` into a ``SinglePointCalculator``; this step finds them there. Custom names
    such as ``REF_energy`` stay in ``info``/``arrays`` and are found in step 1.
 
+Optional per-structure labels for the dipole head (:mod:`equiforce.heads`): ``dipole_key``
+(default ``"dipole"``, 3 numbers in e·Å, ASE's unit; structures without it are masked out of the
+dipole loss) and ``charge_key`` (default ``"charge"``, the total charge in e; 0 when absent).
+
 Energy and forces are required for every structure; stress is optional per structure (a mask
 marks the structures that have it). Stress is in the ASE convention (eV/Å^3, ``stress =
 (1/V) dE/dstrain``), given as 3x3, 9 numbers or 6 Voigt numbers (xx, yy, zz, yz, xz, xy).
@@ -18,7 +22,8 @@ A graph (one structure) is a dict of tensors, kept in float64 until :func:`colla
     pos [n, 3] Å, species [n] int64 (index into the species list), edge_index [2, E] int64,
     edge_shift [E, 3] Å, cell [3, 3] Å (rows; zeros when not periodic), pbc [3] bool,
     energy [] eV, forces [n, 3] eV/Å, stress [3, 3] eV/Å^3 (zeros when absent),
-    has_stress [] bool, natoms [] int64
+    has_stress [] bool, natoms [] int64, dipole [3] e·Å (zeros when absent), has_dipole [] bool,
+    total_charge [] e
 """
 import math
 import os
@@ -114,6 +119,32 @@ def extract_labels(atoms, index: int, path: str, energy_key: str = "energy", for
     return float(energy.reshape(())), forces, stress
 
 
+def extract_dipole(atoms, index: int, path: str, dipole_key: str = "dipole") -> Optional[np.ndarray]:
+    """Dipole label [3] (e·Å) of one structure, or None when it has none."""
+    value = _lookup(atoms, dipole_key, per_atom=False)
+    if value is None:
+        return None
+    if value.size != 3 or not np.all(np.isfinite(value)):
+        raise DataError(f"'{path}' structure {index}: dipole '{dipole_key}' must be 3 finite numbers (e·Å), "
+                        f"got {value.tolist()}")
+    return value.reshape(3)
+
+
+def extract_total_charge(atoms, index: int, path: str, charge_key: str = "charge") -> float:
+    """Total charge (e) of one structure from ``atoms.info[charge_key]``; 0 when absent."""
+    value = atoms.info.get(charge_key)
+    if value is None:
+        return 0.0
+    try:
+        q = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"'{path}' structure {index}: total charge '{charge_key}' must be a number, "
+                        f"got {value!r}") from None
+    if not math.isfinite(q):
+        raise DataError(f"'{path}' structure {index}: total charge '{charge_key}' is not finite")
+    return q
+
+
 def species_from_structures(frames: Sequence) -> List[str]:
     """Chemical symbols present in the data, sorted by atomic number."""
     numbers = sorted({int(z) for atoms in frames for z in atoms.numbers})
@@ -153,6 +184,8 @@ def atoms_to_graph(atoms, species_names: Sequence[str], r_max: float, where: str
         "natoms": torch.tensor(n, dtype=torch.long),
         "energy": torch.tensor(0.0, dtype=torch.float64), "forces": torch.zeros((n, 3), dtype=torch.float64),
         "stress": torch.zeros((3, 3), dtype=torch.float64), "has_stress": torch.tensor(False),
+        "dipole": torch.zeros(3, dtype=torch.float64), "has_dipole": torch.tensor(False),
+        "total_charge": torch.tensor(0.0, dtype=torch.float64),
     }
     if labels is not None:
         energy, forces, stress = labels
@@ -169,7 +202,8 @@ def atoms_to_graph(atoms, species_names: Sequence[str], r_max: float, where: str
 
 def load_dataset(path: str, r_max: float, species_names: Optional[Sequence[str]] = None,
                  energy_key: str = "energy", forces_key: str = "forces",
-                 stress_key: str = "stress") -> Tuple[List[Graph], List[str]]:
+                 stress_key: str = "stress", dipole_key: str = "dipole",
+                 charge_key: str = "charge") -> Tuple[List[Graph], List[str]]:
     """Read ``path`` and build labelled graphs. ``species_names`` defaults to the elements in the data
     (sorted by atomic number). Returns ``(graphs, species_names)``."""
     frames = read_structures(path)
@@ -177,7 +211,13 @@ def load_dataset(path: str, r_max: float, species_names: Optional[Sequence[str]]
     graphs = []
     for k, atoms in enumerate(frames):
         labels = extract_labels(atoms, k, path, energy_key, forces_key, stress_key)
-        graphs.append(atoms_to_graph(atoms, names, r_max, where=f"'{path}' structure {k}", labels=labels))
+        g = atoms_to_graph(atoms, names, r_max, where=f"'{path}' structure {k}", labels=labels)
+        dipole = extract_dipole(atoms, k, path, dipole_key)
+        if dipole is not None:
+            g["dipole"] = torch.tensor(dipole, dtype=torch.float64)
+            g["has_dipole"] = torch.tensor(True)
+        g["total_charge"] = torch.tensor(extract_total_charge(atoms, k, path, charge_key), dtype=torch.float64)
+        graphs.append(g)
     return graphs, names
 
 
@@ -228,6 +268,10 @@ def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64,
         "stress": torch.stack([g["stress"] for g in graphs]),
         "has_stress": torch.stack([g["has_stress"] for g in graphs]),
         "natoms": torch.stack([g["natoms"] for g in graphs]),
+        # optional labels (graphs built elsewhere may lack them)
+        "dipole": torch.stack([g.get("dipole", torch.zeros(3, dtype=torch.float64)) for g in graphs]),
+        "has_dipole": torch.stack([g.get("has_dipole", torch.tensor(False)) for g in graphs]),
+        "total_charge": torch.stack([g.get("total_charge", torch.tensor(0.0, dtype=torch.float64)) for g in graphs]),
     }
     for k, v in list(out.items()):
         assert isinstance(v, Tensor)

@@ -97,7 +97,8 @@ def _build_structure(molecule: str, box_A: Optional[float]):
 def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature_K: float = 800.0,
                        seed: int = 0, timestep_fs: float = 0.5, stride: int = 40,
                        equilibration_steps: int = 400, friction_per_fs: float = 0.01,
-                       box_A: Optional[float] = None, isolated_atoms: bool = False) -> Dict[str, Any]:
+                       box_A: Optional[float] = None, isolated_atoms: bool = False,
+                       dipole: bool = False) -> Dict[str, Any]:
     """The validated parameter set that identifies one data set (stored next to the file)."""
     checks = [
         (isinstance(n_frames, int) and n_frames >= 1, f"n_frames must be an integer >= 1 (got {n_frames!r})"),
@@ -121,7 +122,7 @@ def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperat
     if os.path.isfile(molecule):
         with open(molecule, "rb") as fh:
             mol_id = "file:" + hashlib.sha256(fh.read()).hexdigest()[:16]
-    return {
+    params = {
         "cache_version": _CACHE_VERSION,
         "method": "GFN2-xTB",
         "label_accuracy": LABEL_ACCURACY,
@@ -138,6 +139,9 @@ def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperat
         "box_A": None if box_A is None else float(box_A),
         "isolated_atoms": bool(isolated_atoms),
     }
+    if dipole:  # only when asked, so the identity (and cache) of existing data sets is unchanged
+        params["dipole"] = True
+    return params
 
 
 def default_path(params: Dict[str, Any], cache_dir: str = DEFAULT_CACHE_DIR) -> str:
@@ -159,8 +163,13 @@ def _cached(out: str, params: Dict[str, Any]) -> bool:
         return False
 
 
-def label_structure(atoms, periodic: bool):
+def label_structure(atoms, periodic: bool, dipole: bool = False):
     """A copy of ``atoms`` carrying GFN2-xTB energy/forces (and stress) as plain info/arrays.
+
+    ``dipole=True`` also stores ``info["dipole"]``: the GFN2-xTB dipole moment [3] in e·Å (tblite's
+    ASE calculator converts its atomic-unit dipole with ``* Bohr``, i.e. to e·Å, ASE's unit --
+    its docstring says Debye, the code says e·Å; checked against water, 0.38 e·Å = 1.8 D). The
+    origin does not matter for a neutral molecule.
 
     A fresh calculator per structure with a tight SCF (``accuracy=LABEL_ACCURACY``): the label is a
     function of the positions alone, not of the SCF guess left by earlier steps (a reused calculator
@@ -172,6 +181,7 @@ def label_structure(atoms, periodic: bool):
     energy = float(frame.get_potential_energy())
     forces = frame.get_forces().copy()
     stress = frame.get_stress(voigt=False).copy() if periodic else None
+    mu = frame.calc.results["dipole"].copy() if dipole else None
     frame.calc = None
     for key in ("momenta", "masses"):
         if key in frame.arrays:
@@ -179,6 +189,8 @@ def label_structure(atoms, periodic: bool):
     frame.info = {"energy": energy}
     if stress is not None:
         frame.info["stress"] = stress
+    if mu is not None:
+        frame.info["dipole"] = mu
     frame.arrays["forces"] = forces
     return frame
 
@@ -236,7 +248,7 @@ def run_md_frames(params: Dict[str, Any], molecule: str, box_A: Optional[float],
     t0 = time.perf_counter()
     for k in range(params["n_frames"]):
         dyn.run(params["stride"])
-        frames.append(label_structure(atoms, periodic))
+        frames.append(label_structure(atoms, periodic, dipole=bool(params.get("dipole", False))))
         if progress and (k + 1) % max(1, params["n_frames"] // 10) == 0:
             print(f"  datagen: {k + 1}/{params['n_frames']} frames ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
@@ -246,7 +258,7 @@ def run_md_frames(params: Dict[str, Any], molecule: str, box_A: Optional[float],
 def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature_K: float = 800.0,
                     seed: int = 0, out: Optional[str] = None, *, timestep_fs: float = 0.5, stride: int = 40,
                     equilibration_steps: int = 400, friction_per_fs: float = 0.01,
-                    box_A: Optional[float] = None, isolated_atoms: bool = False,
+                    box_A: Optional[float] = None, isolated_atoms: bool = False, dipole: bool = False,
                     cache_dir: str = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = False) -> str:
     """Generate (or reuse) an xTB-labelled MD data set and return the extxyz path.
 
@@ -254,12 +266,13 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
     ``stride`` MD steps of ``timestep_fs`` after ``equilibration_steps``. temperature_K: Langevin
     temperature (K), friction ``friction_per_fs`` (1/fs). box_A: edge (Å) of a cubic periodic box
     around the molecule (adds stress labels), None for an isolated molecule. isolated_atoms: append
-    one labelled single-atom frame per element (:func:`isolated_atom_frames`). out: destination
+    one labelled single-atom frame per element (:func:`isolated_atom_frames`). dipole: also store the
+    GFN2-xTB dipole (``info["dipole"]``, e·Å). out: destination
     (default under ``cache_dir``); reused when its ``.json`` sidecar records the same parameters,
     unless ``force``.
     """
     params = dataset_parameters(molecule, n_frames, temperature_K, seed, timestep_fs, stride,
-                                equilibration_steps, friction_per_fs, box_A, isolated_atoms)
+                                equilibration_steps, friction_per_fs, box_A, isolated_atoms, dipole)
     out = out or default_path(params, cache_dir)
     if not force and _cached(out, params):
         return out
@@ -268,7 +281,11 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
     t0 = time.perf_counter()
     frames = run_md_frames(params, molecule, box_A, progress=progress)
     if isolated_atoms:
-        frames += isolated_atom_frames(frames[0].get_chemical_symbols())
+        references = isolated_atom_frames(frames[0].get_chemical_symbols())
+        if dipole:
+            for ref in references:
+                ref.info["dipole"] = [0.0, 0.0, 0.0]
+        frames += references
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
@@ -331,6 +348,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--isolated-atoms", action="store_true",
                    help="append one labelled isolated-atom frame per element (config_type=IsolatedAtom); "
                         "`equiforce train` takes their energies as the species reference energies")
+    p.add_argument("--dipole", action="store_true", help="also store the GFN2-xTB dipole moment (info 'dipole', e·Å)")
     p.add_argument("-o", "--out", default=None, help=f"output extxyz (default: under {DEFAULT_CACHE_DIR}/)")
     p.add_argument("--force", action="store_true", help="regenerate even when a cached file matches")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -343,7 +361,7 @@ def run_from_args(args: argparse.Namespace) -> str:
     path = make_md_dataset(args.molecule, args.frames, args.temperature, args.seed, args.out,
                            timestep_fs=args.timestep, stride=args.stride, equilibration_steps=args.equilibration,
                            friction_per_fs=args.friction, box_A=args.box, isolated_atoms=args.isolated_atoms,
-                           force=args.force,
+                           dipole=bool(getattr(args, "dipole", False)), force=args.force,
                            progress=not args.quiet)
     if not args.quiet:
         print(f"datagen: {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -11,26 +11,32 @@ Metrics (keys of the returned dict):
 * ``stress_mae_mev_per_a3``: over the 9 components of the structures that carry a stress label
   (meV/Å^3, ASE sign convention), ``None`` when no structure has one
 * ``n_structures``
+* ``dipole_mae_e_a``: mean over the Cartesian components of the structures with a dipole label
+  (e·Å), only when the model has a dipole head (``metadata["outputs"]``) and the data dipoles
 """
+
 import math
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-from .data import atoms_to_graph, extract_labels, read_structures
+from .data import atoms_to_graph, extract_dipole, extract_labels, extract_total_charge, read_structures
 from .export import load_exported
 
 
 def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy", forces_key: str = "forces",
-                      stress_key: str = "stress") -> Dict[str, Optional[float]]:
+                      stress_key: str = "stress", dipole_key: str = "dipole",
+                      charge_key: str = "charge") -> Dict[str, Optional[float]]:
     """Run the exported file ``model_path`` on every structure of ``data_path``; see the module docstring."""
     module, meta = load_exported(model_path)
     dtype = {"float32": torch.float32, "float64": torch.float64}[meta["dtype"]]
     species, r_max = list(meta["species"]), float(meta["r_max"])
     frames = read_structures(data_path)
     e_abs = f_abs = f_sq = s_abs = 0.0
-    n_comp = n_stress = 0
+    n_comp = n_stress = n_dipole = 0
+    d_abs = 0.0
+    has_dipole_head = "dipole" in meta.get("outputs", [])
     for k, atoms in enumerate(frames):
         where = f"'{data_path}' structure {k}"
         energy, forces, stress = extract_labels(atoms, k, data_path, energy_key, forces_key, stress_key)
@@ -49,14 +55,25 @@ def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy
             pred = -virial.double().numpy() / volume
             s_abs += float(np.abs(pred - stress).sum())
             n_stress += 9
+        ref_dipole = extract_dipole(atoms, k, data_path, dipole_key) if has_dipole_head else None
+        if ref_dipole is not None:
+            q = extract_total_charge(atoms, k, data_path, charge_key)
+            with torch.jit.optimized_execution(False):
+                mu = module.dipole(g["pos"].to(dtype), g["species"], g["edge_index"], g["edge_shift"].to(dtype),
+                                   g["cell"].to(dtype), q)
+            d_abs += float(np.abs(mu.double().numpy() - ref_dipole).sum())
+            n_dipole += 3
     n = len(frames)
-    return {
+    out: Dict[str, Optional[float]] = {
         "energy_mae_mev_per_atom": 1000.0 * e_abs / n,
         "force_mae_mev_per_a": 1000.0 * f_abs / n_comp if n_comp else None,
         "force_rmse_mev_per_a": 1000.0 * math.sqrt(f_sq / n_comp) if n_comp else None,
         "stress_mae_mev_per_a3": 1000.0 * s_abs / n_stress if n_stress else None,
         "n_structures": n,
     }
+    if n_dipole:
+        out["dipole_mae_e_a"] = d_abs / n_dipole
+    return out
 
 
 def format_metrics(metrics: Dict[str, Optional[float]]) -> str:
@@ -67,4 +84,6 @@ def format_metrics(metrics: Dict[str, Optional[float]]) -> str:
              f"force RMSE        {metrics['force_rmse_mev_per_a']:.4g} meV/Å"]
     if metrics.get("stress_mae_mev_per_a3") is not None:
         lines.append(f"stress MAE        {metrics['stress_mae_mev_per_a3']:.4g} meV/Å^3")
+    if metrics.get("dipole_mae_e_a") is not None:
+        lines.append(f"dipole MAE        {metrics['dipole_mae_e_a']:.4g} e·Å")
     return "\n".join(lines)

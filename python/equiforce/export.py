@@ -26,6 +26,17 @@ in Python, ``torch::jit::setGraphExecutorOptimize(false)`` in C++): the model ha
 fuser to gain, and with it on, every new atom or edge count triggers a slow re-profiling pass
 (measured: 0.1-0.4 s on each of the first calls, against 3 ms per call for a small molecule).
 
+Models with output heads (:mod:`equiforce.heads`) are exported by :class:`ExportedHeadsPotential`
+with the same signature. A direct-force model returns its head's forces as ``forces`` (ghost
+atoms get zero: each local atom's force is complete on its own), so LAMMPS and OpenMM run it
+unchanged, and its metadata says ``"conservative": false`` (energy and virial come from its energy
+head). A dipole model has one more method::
+
+    dipole = module.dipole(pos, species, edge_index, edge_shift, cell, total_charge)   # [3] e·Å
+
+(``total_charge`` in e, a float; all atoms given count). ``metadata["outputs"]`` lists what the file
+provides, ``metadata["methods"]`` the extra methods and their signatures.
+
 Metadata lives in the file as the extra file ``equiforce_metadata.json`` (see
 :func:`build_metadata`); engines read it with ``torch.jit.load(..., _extra_files=...)`` in Python
 and ``torch::jit::load(path, device, extra_files)`` in C++.
@@ -64,6 +75,53 @@ class ExportedPotential(nn.Module):
         return energy.detach(), atom_energy.detach(), forces.detach(), virial[0].detach()
 
 
+class ExportedHeadsPotential(nn.Module):
+    """Like :class:`ExportedPotential` for an :class:`equiforce.model.EquiforceModel` with heads:
+    the same ``forward`` signature (direct-force models return the head's forces), plus
+    :meth:`dipole`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.energy_model = model
+        self.direct_forces = bool(getattr(model, "direct_forces", False))
+        self.has_dipole = bool(getattr(model, "has_dipole", False))
+
+    def forward(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+                cell: Tensor, n_local: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        n = pos.shape[0]
+        edge_vec = edge_vectors(pos, edge_index, edge_shift).detach().requires_grad_(True)
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos.detach(), None)
+        atom_energy = out["per_atom_energy"]
+        local = (torch.arange(n, device=pos.device) < n_local).to(atom_energy.dtype)
+        energy = (atom_energy * local).sum()
+        grads = torch.autograd.grad([energy], [edge_vec], allow_unused=True)
+        edge_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=pos.device)
+        forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, n, edge_graph, 1)
+        if self.direct_forces:
+            forces = out["forces"] * local.unsqueeze(-1)
+        return energy.detach(), atom_energy.detach(), forces.detach(), virial[0].detach()
+
+    @torch.jit.export
+    def dipole(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor, cell: Tensor,
+               total_charge: float = 0.0) -> Tensor:
+        """Dipole moment [3] (e·Å) of the structure (all atoms given)."""
+        if not self.has_dipole:
+            raise RuntimeError("this model has no dipole head (it was trained with model.dipole = 'none')")
+        n = pos.shape[0]
+        edge_vec = edge_vectors(pos, edge_index, edge_shift)
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        q = torch.full((1,), total_charge, dtype=pos.dtype, device=pos.device)
+        with torch.no_grad():
+            out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q)
+        return out["dipole"][0]
+
+
+def has_heads(model: nn.Module) -> bool:
+    """True for a model whose export needs :class:`ExportedHeadsPotential`."""
+    return bool(getattr(model, "direct_forces", False)) or bool(getattr(model, "has_dipole", False))
+
+
 def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = "none",
                    model_type: str = "equiforce", extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The metadata every engine checks. ``symmetry`` is "O3", "SE3" or "none" (analytic models)."""
@@ -81,6 +139,16 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
         "units": {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom", "virial": "eV"},
         "signature": "(pos, species, edge_index, edge_shift, cell, n_local) -> (energy, per_atom_energy, forces, virial)",
     }
+    direct = bool(getattr(energy_model, "direct_forces", False))
+    meta["conservative"] = not direct
+    meta["outputs"] = ["energy", "per_atom_energy", "forces", "virial"]
+    if direct:
+        meta["forces_from"] = "direct-force head (not -dE/dpos; energy and virial from the energy head)"
+    if bool(getattr(energy_model, "has_dipole", False)):
+        meta["outputs"].append("dipole")
+        meta["dipole_mode"] = str(energy_model.dipole_mode)
+        meta["units"]["dipole"] = "e*Angstrom"
+        meta["methods"] = {"dipole": "(pos, species, edge_index, edge_shift, cell, total_charge: float) -> dipole[3]"}
     if extra:
         meta.update(extra)
     return meta
@@ -97,7 +165,7 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
     Returns the metadata written.
     """
     energy_model = energy_model.to(dtype).eval()
-    wrapper = ExportedPotential(energy_model)
+    wrapper = ExportedHeadsPotential(energy_model) if has_heads(energy_model) else ExportedPotential(energy_model)
     scripted = torch.jit.script(wrapper)
     meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata)
     if check_structure is not None:
@@ -110,6 +178,10 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
             scale = max(1.0, float(a.abs().max()) if a.numel() else 1.0)
             if a.shape != b.shape or (a.numel() and float((a - b).abs().max()) > tol * scale):
                 raise RuntimeError(f"export check failed: scripted and eager {name} differ")
+        if isinstance(wrapper, ExportedHeadsPotential) and wrapper.has_dipole:
+            a, b = wrapper.dipole(*args[:5]), scripted.dipole(*args[:5])
+            if float((a - b).abs().max()) > tol * max(1.0, float(a.abs().max())):
+                raise RuntimeError("export check failed: scripted and eager dipole differ")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.jit.save(scripted, path, _extra_files={METADATA_FILE: json.dumps(meta, indent=1)})
     return meta

@@ -12,7 +12,7 @@ Every engine (training, ASE, the exported TorchScript file, LAMMPS, OpenMM) goes
 Only the edge vectors carry the geometry, so energies are translation-invariant by construction
 and the virial is exact for periodic systems without differentiating the cell.
 """
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -75,3 +75,45 @@ def energy_forces_virial(
     edge_graph = batch.index_select(0, edge_index[0])
     forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
     return energy, atom_energy, forces, virial
+
+
+def model_outputs(
+    model: torch.nn.Module,
+    pos: Tensor,
+    species: Tensor,
+    edge_index: Tensor,
+    edge_shift: Tensor,
+    batch: Tensor,
+    num_graphs: int,
+    create_graph: bool = False,
+    total_charge: Optional[Tensor] = None,
+) -> Dict[str, Tensor]:
+    """Every output of a model with heads (:meth:`equiforce.model.EquiforceModel.predict`) in one pass.
+
+    Returns ``energy`` [B], ``per_atom_energy`` [N], ``forces`` [N, 3], ``virial`` [B, 3, 3] as
+    :func:`energy_forces_virial`, plus ``dipole`` [B, 3] (e·Å) and ``charges`` [N] (e) when the model
+    has those heads. For a direct-force model (``model.direct_forces``) ``forces`` are the head's
+    output, ``conservative_forces`` the gradient forces of its energy head, and ``virial`` comes from
+    the energy head (a direct-force head has no virial of its own). Models without ``predict``
+    (energy models such as :class:`equiforce.analytic.AnalyticMessageModel`) fall back to
+    :func:`energy_forces_virial`.
+    """
+    if not hasattr(model, "predict"):
+        energy, atom_energy, forces, virial = energy_forces_virial(
+            model, pos, species, edge_index, edge_shift, batch, num_graphs, create_graph)
+        return {"energy": energy, "per_atom_energy": atom_energy, "forces": forces, "virial": virial}
+    edge_vec = edge_vectors(pos, edge_index, edge_shift)
+    if not edge_vec.requires_grad:
+        edge_vec = edge_vec.requires_grad_(True)
+    out = dict(model.predict(species, edge_index, edge_vec, batch, num_graphs, pos, total_charge))
+    energy = scatter_sum(out["per_atom_energy"], batch, num_graphs)
+    grads = torch.autograd.grad([energy.sum()], [edge_vec], create_graph=create_graph, allow_unused=True)
+    edge_graph = batch.index_select(0, edge_index[0])
+    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
+    out["energy"] = energy
+    out["virial"] = virial
+    if "forces" in out:
+        out["conservative_forces"] = forces
+    else:
+        out["forces"] = forces
+    return out

@@ -13,17 +13,31 @@ Each interaction layer (NequIP-style)::
 The last layer keeps only scalars; a small MLP turns them into a per-atom energy ``e_i``, and
 ``E_i = scale[s_i] * (e_i - e_iso[s_i]) + shift[s_i]``, where ``e_iso[s]`` is the network's output
 for an atom of species ``s`` with no neighbours, so an isolated atom's energy is exactly its shift.
+
+Extra outputs (:mod:`equiforce.heads`, :meth:`EquiforceModel.predict`), chosen in :class:`ModelConfig`:
+
+* ``dipole``: "direct" (sum of per-atom l=1 vectors, times ``dipole_scale``), "charges"
+  (``sum q_i (r_i - centroid)`` with conserved total charge), "both" (their sum), "none".
+* ``direct_forces``: forces predicted as a per-atom l=1 output ``F_i = scale[s_i] * v_i`` and trained
+  directly on forces; NOT the gradient of the energy (non-conservative: curl != 0), the energy
+  head stays for the energy.
+
+When a vector output is needed and ``lmax >= 1``, the last layer outputs ``C x 0e + C x 1o``
+(``1e`` in SE(3) mode), the vector block gated like in every other layer. With ``lmax = 0`` (the
+invariant, distance-only baseline) the vector heads read the invariant scalars and their outputs
+are rotation-invariant (see :class:`equiforce.heads.VectorHead`).
 """
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .activations import NormalizedSiLU
 from .gate import Gate
+from .heads import ChargeHead, VectorHead, charge_dipole, conserve_charge
 from .irreps import Irreps, spherical_harmonics_irreps
 from .linear import Linear, SpeciesLinear
 from .radial import BesselBasis, RadialMLP, polynomial_cutoff
@@ -32,6 +46,7 @@ from .spherical_harmonics import safe_norm, safe_normalize, spherical_harmonics
 from .tensor_product import EdgeTensorProduct
 
 SYMMETRIES = ("O3", "SE3")
+DIPOLE_MODES = ("none", "direct", "charges", "both")
 
 
 @dataclass
@@ -49,6 +64,8 @@ class ModelConfig:
     symmetry: str = "O3"            # "O3" (parity tracked) or "SE3" (parity ignored: chiral)
     avg_num_neighbors: float = 1.0  # message normalisation; the trainer sets it from data
     resnet: bool = True             # residual update when a layer's irreps in == out
+    dipole: str = "none"            # dipole head: "none" | "direct" | "charges" | "both" (e·Å)
+    direct_forces: bool = False     # forces from a per-atom l=1 head (non-conservative baseline)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -79,6 +96,10 @@ class ModelConfig:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {self.symmetry!r}")
         if not self.avg_num_neighbors > 0:
             raise ValueError(f"avg_num_neighbors must be > 0, got {self.avg_num_neighbors!r}")
+        if self.dipole not in DIPOLE_MODES:
+            raise ValueError(f"dipole must be one of {DIPOLE_MODES}, got {self.dipole!r}")
+        if not isinstance(self.direct_forces, bool):
+            raise ValueError(f"direct_forces must be true or false, got {self.direct_forces!r}")
 
 
 class InteractionLayer(nn.Module):
@@ -133,6 +154,15 @@ class EquiforceModel(nn.Module):
         irreps_sh = spherical_harmonics_irreps(config.lmax, parity)
         hidden = Irreps([(c, (l, (-1) ** l if parity else 1)) for l in range(config.lmax + 1)])
         scalars = Irreps([(c, (0, 1))])
+        self.channels = int(c)
+        self.dipole_mode = str(config.dipole)
+        self.direct_forces = bool(config.direct_forces)
+        self.has_dipole = self.dipole_mode != "none"
+        needs_vectors = self.dipole_mode in ("direct", "both") or self.direct_forces
+        # with lmax >= 1 the last layer also outputs C vectors (1o in O(3), 1e in SE(3) mode)
+        vector_ir = (1, -1 if parity else 1)
+        self.equivariant_vectors = config.lmax >= 1
+        last = scalars + Irreps([(c, vector_ir)]) if needs_vectors and self.equivariant_vectors else scalars
 
         self.embedding = nn.Embedding(s, c)
         nn.init.normal_(self.embedding.weight)
@@ -141,7 +171,7 @@ class EquiforceModel(nn.Module):
         layers: List[nn.Module] = []
         irreps = scalars
         for t in range(config.num_layers):
-            target = scalars if t == config.num_layers - 1 else hidden
+            target = last if t == config.num_layers - 1 else hidden
             layer = InteractionLayer(irreps, target, irreps_sh, s, radial_sizes, config.avg_num_neighbors,
                                      config.resnet)
             layers.append(layer)
@@ -153,6 +183,15 @@ class EquiforceModel(nn.Module):
         self.register_buffer("scale", torch.ones(s, dtype=torch.float64))
         self.register_buffer("shift", torch.zeros(s, dtype=torch.float64))
         self.register_buffer("isolated_raw", torch.zeros(s, dtype=torch.float64))
+        # heads (None when not configured: no parameters, no change to the energy model's state)
+        vec = [vector_ir[0], vector_ir[1]]
+        self.dipole_head = VectorHead(c, 1, vec, self.equivariant_vectors) \
+            if self.dipole_mode in ("direct", "both") else None
+        self.charge_head = ChargeHead(c) if self.dipole_mode in ("charges", "both") else None
+        self.force_head = VectorHead(c, 1, vec, self.equivariant_vectors) if self.direct_forces else None
+        if self.has_dipole:
+            # e·Å per unit of network output; the trainer sets it to the RMS dipole component
+            self.register_buffer("dipole_scale", torch.ones((), dtype=torch.float64))
         # True while training (parameters change); export freezes e_iso into `isolated_raw`
         self.online_isolated = True
 
@@ -164,8 +203,17 @@ class EquiforceModel(nn.Module):
         self.scale.copy_(scale.to(self.scale))
         self.shift.copy_(shift.to(self.shift))
 
-    def raw_energy(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
-        """Network output per atom before scale, shift and isolated-atom reference [N]."""
+    def set_dipole_scale(self, value: float) -> None:
+        """e·Å per unit of the dipole heads' output (the trainer uses the RMS dipole component)."""
+        if not self.has_dipole:
+            raise ValueError("this model has no dipole head (model.dipole = 'none')")
+        if not value > 0:
+            raise ValueError(f"dipole scale must be > 0 e·Å, got {value}")
+        self.dipole_scale.fill_(float(value))
+
+    def features(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
+        """Output of the last interaction layer [N, dim]: ``C`` scalars first (then ``C`` vectors
+        when a vector head needs them)."""
         r = safe_norm(edge_vec)
         sh = spherical_harmonics(self.lmax, safe_normalize(edge_vec, r))
         basis = self.basis(r)
@@ -173,7 +221,12 @@ class EquiforceModel(nn.Module):
         x = self.embedding(species).to(edge_vec.dtype)
         for layer in self.layers:
             x = layer(x, species, edge_index, sh, basis, envelope)
-        return self.readout(x).squeeze(-1)
+        return x
+
+    def raw_energy(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
+        """Network output per atom before scale, shift and isolated-atom reference [N]."""
+        x = self.features(species, edge_index, edge_vec)
+        return self.readout(x[:, :self.channels]).squeeze(-1)
 
     def isolated_atom_raw(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``e_iso`` [S]: raw output of each species with no neighbours."""
@@ -184,6 +237,53 @@ class EquiforceModel(nn.Module):
     def forward(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor, batch: Tensor,
                 num_graphs: int) -> Tensor:
         raw = self.raw_energy(species, edge_index, edge_vec)
+        return self._atom_energy(raw, species, edge_vec)
+
+    @torch.jit.export
+    def predict(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor, batch: Tensor, num_graphs: int,
+                pos: Optional[Tensor] = None, total_charge: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Every output of the model in one pass over the features.
+
+        Args as :meth:`forward`, plus ``pos`` [N, 3] (Å; needed by the charge dipole) and
+        ``total_charge`` [B] (e; default 0). Returns a dict with ``per_atom_energy`` [N] (eV) and,
+        when configured, ``dipole`` [B, 3] (e·Å), ``charges`` [N] (e), ``direct_dipole`` /
+        ``charge_dipole`` [B, 3] (the two parts of ``dipole`` in mode "both"), ``forces`` [N, 3]
+        (eV/Å, the direct-force head; conservative forces are ``-dE/dpos``, see
+        :func:`equiforce.forces.model_outputs`).
+        """
+        x = self.features(species, edge_index, edge_vec)
+        raw = self.readout(x[:, :self.channels]).squeeze(-1)
+        out: Dict[str, Tensor] = {"per_atom_energy": self._atom_energy(raw, species, edge_vec)}
+        dipole = torch.zeros((num_graphs, 3), dtype=edge_vec.dtype, device=edge_vec.device)
+        head = self.dipole_head
+        if head is not None:
+            direct = scatter_sum(head(x)[:, 0, :], batch, num_graphs) * self.dipole_scale.to(edge_vec.dtype)
+            out["direct_dipole"] = direct
+            dipole = dipole + direct
+        charge_head = self.charge_head
+        if charge_head is not None:
+            if pos is None:
+                raise ValueError("the charge dipole needs the positions: pass pos= to predict")
+            q = charge_head(x) * self.dipole_scale.to(edge_vec.dtype)
+            if total_charge is None:
+                total = torch.zeros(num_graphs, dtype=edge_vec.dtype, device=edge_vec.device)
+            else:
+                total = total_charge.to(edge_vec.dtype)
+            q = conserve_charge(q, batch, num_graphs, total)
+            out["charges"] = q
+            qd = charge_dipole(q, pos.to(edge_vec.dtype), batch, num_graphs)
+            out["charge_dipole"] = qd
+            dipole = dipole + qd
+        if self.has_dipole:
+            out["dipole"] = dipole
+        force_head = self.force_head
+        if force_head is not None:
+            scale = self.scale.to(edge_vec.dtype)
+            out["forces"] = force_head(x)[:, 0, :] * scale[species].unsqueeze(-1)
+        return out
+
+    def _atom_energy(self, raw: Tensor, species: Tensor, edge_vec: Tensor) -> Tensor:
+        """``scale * (raw - e_iso) + shift`` per atom [N] (eV)."""
         if self.online_isolated:
             iso = self.isolated_atom_raw(edge_vec.dtype, edge_vec.device)
         else:
@@ -196,6 +296,7 @@ class EquiforceModel(nn.Module):
         """A frozen copy for export: isolated-atom reference stored, no per-call recomputation."""
         model = copy.deepcopy(self).eval()
         with torch.no_grad():
-            model.isolated_raw.copy_(model.isolated_atom_raw(model.scale.dtype, model.scale.device))
+            weight = model.embedding.weight  # the network's dtype (buffers may stay float64)
+            model.isolated_raw.copy_(model.isolated_atom_raw(weight.dtype, weight.device))
         model.online_isolated = False
         return model

@@ -11,6 +11,11 @@ Loss (weights from the config)::
     L = w_E mean_b ((E_b - E_b^ref) / n_b)^2 + w_F mean_{i,a} (F_ia - F_ia^ref)^2 + w_S mean (S - S^ref)^2
 
 in eV/atom, eV/Å and eV/Å^3; the stress term covers only structures that have a stress label.
+Models with a dipole head (``model.dipole``) add ``w_mu mean (mu - mu^ref)^2`` (e·Å, per component,
+structures with a dipole label only). Direct-force models (``model.direct_forces``) use the head's
+forces in the force term instead of ``-dE/dr``. ``rotation_augmentation`` rotates every training
+batch by random rotations (one per structure; positions, forces, stress, dipole and cell alike)
+-- a no-op for exactly equivariant models, the way non-equivariant models learn the symmetry.
 Validation uses the EMA weights when ``ema_decay > 0``, and those are the weights exported; the
 training metrics of an epoch are accumulated batch by batch with the weights of that moment.
 
@@ -37,13 +42,14 @@ from torch import Tensor, nn
 from . import __version__
 from .config import CheckpointError, ConfigError, DataError, TrainConfig
 from .data import Graph, average_num_neighbors, collate, load_dataset, split_indices
-from .forces import energy_forces_virial
+from .forces import model_outputs
 from .model import EquiforceModel, ModelConfig
 
 CHECKPOINT_KIND = "equiforce-checkpoint"
 CHECKPOINT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-METRIC_NAMES = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3")
+METRIC_NAMES = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",
+                "dipole_mae_e_a")
 CSV_COLUMNS = (["epoch", "lr", "train_loss", "val_loss"] + [f"train_{m}" for m in METRIC_NAMES]
                + [f"val_{m}" for m in METRIC_NAMES] + ["time_s"])
 # epochs whose validation loss is within this relative margin of the best do not count as improvements
@@ -151,15 +157,49 @@ class EMA:
 # predictions, loss and metrics
 # ---------------------------------------------------------------------------------------------
 def predict(model: nn.Module, batch: dict, create_graph: bool) -> Dict[str, Tensor]:
-    """Energies [B] (eV), forces [N, 3] (eV/Å) and ASE stress [B, 3, 3] (eV/Å^3; 0 if not periodic)."""
+    """Energies [B] (eV), forces [N, 3] (eV/Å; the head's for direct-force models), ASE stress
+    [B, 3, 3] (eV/Å^3; 0 if not periodic) and, for dipole models, dipoles [B, 3] (e·Å)."""
     with torch.enable_grad():
-        energy, _, forces, virial = energy_forces_virial(
-            model, batch["pos"], batch["species"], batch["edge_index"], batch["edge_shift"],
-            batch["batch"], batch["num_graphs"], create_graph=create_graph)
+        out = model_outputs(model, batch["pos"], batch["species"], batch["edge_index"], batch["edge_shift"],
+                            batch["batch"], batch["num_graphs"], create_graph=create_graph,
+                            total_charge=batch.get("total_charge"))
+    virial = out["virial"]
     volume = torch.linalg.det(batch["cell"]).abs()
     safe = torch.where(volume > 0, volume, torch.ones_like(volume))
     stress = -virial / safe.view(-1, 1, 1) * (volume > 0).to(virial.dtype).view(-1, 1, 1)
-    return {"energy": energy, "forces": forces, "stress": stress}
+    pred = {"energy": out["energy"], "forces": out["forces"], "stress": stress}
+    if "dipole" in out:
+        pred["dipole"] = out["dipole"]
+    return pred
+
+
+def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` uniformly random proper rotation matrices [n, 3, 3] (QR of Gaussian matrices)."""
+    out = np.zeros((n, 3, 3))
+    for k in range(n):
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        q = q * np.sign(np.diag(r))
+        if np.linalg.det(q) < 0:
+            q[:, 0] = -q[:, 0]
+        out[k] = q
+    return out
+
+
+def rotate_batch(batch: dict, rotations: Tensor) -> dict:
+    """A copy of ``batch`` with structure ``b`` rotated by ``rotations[b]`` [B, 3, 3] (row vectors:
+    ``r -> r R^T``): positions, edge shifts, cells, forces, dipoles and stress (``R S R^T``)."""
+    rot = rotations.to(batch["pos"].dtype)
+    atom_rot = rot.index_select(0, batch["batch"])                                   # [N, 3, 3]
+    edge_rot = atom_rot.index_select(0, batch["edge_index"][0])                      # [E, 3, 3]
+    out = dict(batch)
+    out["pos"] = torch.einsum("nij,nj->ni", atom_rot, batch["pos"])
+    out["forces"] = torch.einsum("nij,nj->ni", atom_rot, batch["forces"])
+    out["edge_shift"] = torch.einsum("eij,ej->ei", edge_rot, batch["edge_shift"])
+    out["cell"] = torch.einsum("bij,bkj->bki", rot, batch["cell"])
+    out["stress"] = rot @ batch["stress"] @ rot.transpose(1, 2)
+    if "dipole" in batch:
+        out["dipole"] = torch.einsum("bij,bj->bi", rot, batch["dipole"])
+    return out
 
 
 class ErrorAccumulator:
@@ -172,6 +212,8 @@ class ErrorAccumulator:
         self.f_abs = self.f_sq = 0.0
         self.n_stress = 0
         self.s_abs = self.s_sq = 0.0
+        self.n_dipole = 0
+        self.d_abs = self.d_sq = 0.0
 
     @torch.no_grad()
     def add(self, pred: Dict[str, Tensor], batch: dict) -> None:
@@ -189,6 +231,12 @@ class ErrorAccumulator:
             self.n_stress += ds.numel()
             self.s_abs += float(ds.abs().sum())
             self.s_sq += float((ds * ds).sum())
+        if "dipole" in pred and "has_dipole" in batch and bool(batch["has_dipole"].any()):
+            mask = batch["has_dipole"]
+            dd = (pred["dipole"][mask] - batch["dipole"][mask]).double()
+            self.n_dipole += dd.numel()
+            self.d_abs += float(dd.abs().sum())
+            self.d_sq += float((dd * dd).sum())
 
     def loss(self, config: TrainConfig) -> float:
         total = 0.0
@@ -198,6 +246,8 @@ class ErrorAccumulator:
             total += config.forces_weight * self.f_sq / self.n_comp
         if self.n_stress:
             total += config.stress_weight * self.s_sq / self.n_stress
+        if self.n_dipole:
+            total += config.dipole_weight * self.d_sq / self.n_dipole
         return total
 
     def metrics(self) -> Dict[str, float]:
@@ -207,6 +257,7 @@ class ErrorAccumulator:
             "force_mae_mev_per_a": 1000.0 * self.f_abs / self.n_comp if self.n_comp else nan,
             "force_rmse_mev_per_a": 1000.0 * math.sqrt(self.f_sq / self.n_comp) if self.n_comp else nan,
             "stress_mae_mev_per_a3": 1000.0 * self.s_abs / self.n_stress if self.n_stress else nan,
+            "dipole_mae_e_a": self.d_abs / self.n_dipole if self.n_dipole else nan,
         }
 
 
@@ -220,6 +271,9 @@ def batch_loss(pred: Dict[str, Tensor], batch: dict, config: TrainConfig) -> Ten
     if config.stress_weight > 0 and bool(mask.any()):
         ds = pred["stress"][mask] - batch["stress"][mask]
         loss = loss + config.stress_weight * (ds * ds).mean()
+    if "dipole" in pred and config.dipole_weight > 0 and bool(batch["has_dipole"].any()):
+        dd = pred["dipole"][batch["has_dipole"]] - batch["dipole"][batch["has_dipole"]]
+        loss = loss + config.dipole_weight * (dd * dd).mean()
     return loss
 
 
@@ -292,6 +346,14 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
         shift = torch.tensor([config.atomic_energies[s] for s in species], dtype=torch.float64)
     model = model.to(DTYPES[config.dtype])
     model.set_scale_shift(scale, shift)
+    if config.model.dipole != "none":
+        labelled = [g["dipole"] for g in train_graphs if bool(g.get("has_dipole", torch.tensor(False)))]
+        if not labelled:
+            raise DataError(f"model.dipole is '{config.model.dipole}' but no training structure has a dipole label "
+                            f"'{config.dipole_key}'; add dipoles (e·Å) to the data (e.g. `equiforce datagen --dipole`) "
+                            "or set model.dipole to none")
+        rms = float(torch.sqrt((torch.stack(labelled) ** 2).mean()))
+        model.set_dipole_scale(rms if rms > 0 else 1.0)
     return model, config
 
 
@@ -387,7 +449,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         torch.set_num_threads(config.num_threads)
     species = None if state is None else list(state["species"])
     graphs, species = load_dataset(config.data, config.model.r_max, species, config.energy_key,
-                                   config.forces_key, config.stress_key)
+                                   config.forces_key, config.stress_key, config.dipole_key, config.charge_key)
     # single isolated atoms are reference energies (the species shifts), not training structures
     isolated = isolated_atom_energies(graphs, species)
     graphs = [g for g in graphs if not is_isolated_atom(g)]
@@ -452,6 +514,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train_graphs))
+        aug_rng = np.random.default_rng([config.seed, epoch, 1])
         batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         acc = ErrorAccumulator()
         timed_out = False
@@ -459,6 +522,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
                    dynamic_ncols=True)
         for idx in bar:
             batch = collate([train_graphs[k] for k in idx], dtype, device)
+            if config.rotation_augmentation:
+                rots = random_rotations(len(idx), aug_rng)
+                batch = rotate_batch(batch, torch.from_numpy(rots).to(device))
             optimizer.zero_grad(set_to_none=True)
             pred = predict(model, batch, create_graph=True)
             loss = batch_loss(pred, batch, config)
@@ -513,6 +579,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         save_checkpoint(last_path, ckpt)
         log(f"epoch {epoch:4d}  lr {lr:.3g}  loss {train_loss:.4g}/{val_loss:.4g}  "
             f"E {vm['energy_mae_mev_per_atom']:.3g} meV/atom  F {vm['force_mae_mev_per_a']:.3g} meV/A"
+            + ("" if math.isnan(vm["dipole_mae_e_a"]) else f"  mu {vm['dipole_mae_e_a']:.3g} eA")
             + ("  *" if improved else ""))
         if timed_out:
             stop_reason = "max_minutes"
