@@ -56,3 +56,17 @@ def test_check_fails_on_a_model_that_breaks_equivariance(tmp_path):
     assert "SOME CHECKS FAILED" in format_table(meta, results)
     # still translation/permutation invariant and conservative: those lines pass
     assert not {"translation", "permutation", "finite-difference forces"} & failed
+
+
+def test_check_on_a_direct_force_model_reports_non_conservative_forces(tmp_path):
+    torch.manual_seed(1)
+    model = EquiforceModel(ModelConfig(r_max=3.0, channels=6, lmax=1, num_layers=2, radial_hidden=12,
+                                       direct_forces=True, avg_num_neighbors=3.0), ["H", "C", "O"])
+    path = str(tmp_path / "direct.pt")
+    export_model(model.double().for_export(), path, torch.float64, symmetry="O3")
+    meta, results = run_checks(path)
+    fd = next(r for r in results if r.name == "finite-difference forces")
+    assert meta["conservative"] is False
+    assert not fd.applicable and fd.worst > 1e-3  # forces with curl: far from -dE/dr
+    assert all(r.passed for r in results if r.name != "finite-difference forces"), format_table(meta, results)
+    assert "direct-force model" in format_table(meta, results)
