@@ -7,14 +7,7 @@ from typing import Callable, Sequence
 import ase
 import numpy as np
 
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random proper rotation matrix [3, 3] (det = +1), from the QR of a Gaussian matrix."""
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+from equiforce.rotations import random_rotation  # noqa: F401  (re-exported for the tests)
 
 
 def random_triclinic_cell(rng: np.random.Generator, length: float = 6.0, skew: float = 0.3) -> np.ndarray:

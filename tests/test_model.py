@@ -11,6 +11,7 @@ from ase.neighborlist import neighbor_list
 
 from equiforce.export import export_model, load_exported
 from equiforce.forces import energy_forces_virial
+from equiforce import rotations
 from equiforce.model import EquiforceModel, ModelConfig
 
 F64 = torch.float64
@@ -60,11 +61,7 @@ def periodic(seed=0, n=10) -> ase.Atoms:
 
 
 def random_rotation(seed, improper=False):
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
+    q = rotations.random_rotation(np.random.default_rng(seed))
     return -q if improper else q
 
 

@@ -20,6 +20,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from equiforce.rotations import random_rotation  # noqa: E402,F401  (re-exported for the scripts)
+
 RESULTS = os.path.join(REPO, "examples", "physics", "results")
 WORK = os.path.join(REPO, "demo_out", "physics")
 
@@ -33,14 +35,6 @@ def make_data(molecule: str, **kwargs: Any) -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def transform_frame(atoms, matrix: np.ndarray):

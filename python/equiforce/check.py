@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .export import load_exported
 from .neighbors import neighbor_list
+from .rotations import random_rotation
 
 
 @dataclass
@@ -34,14 +35,6 @@ class CheckResult:
     @property
     def passed(self) -> bool:
         return (not self.applicable) or self.worst <= self.tolerance
-
-
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def _random_molecule(rng: np.random.Generator, n: int, r_max: float) -> np.ndarray:
@@ -94,7 +87,7 @@ def run_checks(path: str, seed: int = 0, n_atoms: int = 8) -> Tuple[dict, List[C
 
     worst = 0.0
     for _ in range(3):
-        R = _random_rotation(rng)
+        R = random_rotation(rng)
         e2, f2, _ = aud(pos @ R.T, species, None)
         e3, f3, v3 = aud(pos_pbc @ R.T, species, cell @ R.T)
         worst = max(worst, _rel(e2, e), _rel(f2, f @ R.T), _rel(e3, ep), _rel(f3, fp @ R.T), _rel(v3, R @ vp @ R.T))
@@ -103,7 +96,7 @@ def run_checks(path: str, seed: int = 0, n_atoms: int = 8) -> Tuple[dict, List[C
     o3 = aud.meta.get("symmetry") == "O3"
     worst = 0.0
     for _ in range(2):
-        R = -_random_rotation(rng)
+        R = -random_rotation(rng)
         e2, f2, _ = aud(pos @ R.T, species, None)
         e3, f3, v3 = aud(pos_pbc @ R.T, species, cell @ R.T)
         worst = max(worst, _rel(e2, e), _rel(f2, f @ R.T), _rel(e3, ep), _rel(f3, fp @ R.T))
