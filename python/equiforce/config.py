@@ -43,6 +43,9 @@ YAML layout (every key optional; the defaults are the values below)::
       symmetry: O3            # O3 | SE3
       dipole: none            # none | direct | charges | both (dipole head, e·Å)
       direct_forces: false    # true: forces from a per-atom l=1 head (non-conservative baseline)
+      long_range: none        # none | ewald: + electrostatics of learned charges (Ewald / Coulomb)
+      long_range_accuracy: 1.0e-6  # relative Ewald accuracy
+      long_range_cutoff: 10.0      # Ewald real-space cutoff (Å)
 """
 import dataclasses
 import math

@@ -37,6 +37,15 @@ head). A dipole model has one more method::
 (``total_charge`` in e, a float; all atoms given count). ``metadata["outputs"]`` lists what the file
 provides, ``metadata["methods"]`` the extra methods and their signatures.
 
+Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.longrange`) are exported by
+:class:`ExportedHeadsPotential` too. Their energy is not a sum of local terms: the module needs
+ALL atoms of the system, once each (``n_local == N``, no ghost atoms; a RuntimeError says so
+otherwise), and the ``cell`` (lattice rows, Å: Ewald summation; all zeros: open-boundary Coulomb).
+``edge_index``/``edge_shift`` are still the short-range pairs within ``r_max``; the Ewald
+real-space pairs are found inside the module. The total charge is 0 (neutral system).
+``metadata["long_range"]`` holds the settings. OpenMM passes every position and the box, so it
+runs such files unchanged; LAMMPS only through its serial path (one MPI rank, images by shifts).
+
 Metadata lives in the file as the extra file ``equiforce_metadata.json`` (see
 :func:`build_metadata`); engines read it with ``torch.jit.load(..., _extra_files=...)`` in Python
 and ``torch::jit::load(path, device, extra_files)`` in C++.
@@ -85,10 +94,13 @@ class ExportedHeadsPotential(nn.Module):
         self.energy_model = model
         self.direct_forces = bool(getattr(model, "direct_forces", False))
         self.has_dipole = bool(getattr(model, "has_dipole", False))
+        self.has_long_range = bool(getattr(model, "has_long_range", False))
 
     def forward(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
                 cell: Tensor, n_local: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         n = pos.shape[0]
+        if self.has_long_range:
+            return self._long_range_forward(pos, species, edge_index, edge_shift, cell, n_local)
         edge_vec = edge_vectors(pos, edge_index, edge_shift).detach().requires_grad_(True)
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos.detach(), None)
@@ -102,6 +114,39 @@ class ExportedHeadsPotential(nn.Module):
             forces = out["forces"] * local.unsqueeze(-1)
         return energy.detach(), atom_energy.detach(), forces.detach(), virial[0].detach()
 
+    def _long_range_forward(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+                            cell: Tensor, n_local: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        n = pos.shape[0]
+        if n_local != n:
+            raise RuntimeError("equiforce: this model has long-range electrostatics, which need every atom of the "
+                               "system exactly once (n_local == number of atoms, no ghost atoms); got n_local = "
+                               + str(n_local) + " of " + str(n) + " atoms. In LAMMPS run it on one MPI rank "
+                               "(serial path); in Python/OpenMM pass all atoms and the cell")
+        # three independent leaves; clone() keeps them apart even when torch.jit.freeze (which
+        # openmm-torch applies) drops the detach() calls
+        edge_vec = edge_vectors(pos, edge_index, edge_shift).detach().requires_grad_(True)
+        pos_leaf = pos.detach().clone().requires_grad_(True)
+        cell_leaf = cell.detach().clone().requires_grad_(True)
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos_leaf, None,
+                                        cell_leaf.unsqueeze(0))
+        atom_energy = out["per_atom_energy"]
+        energy = atom_energy.sum()
+        grads = torch.autograd.grad([energy], [edge_vec, pos_leaf, cell_leaf], allow_unused=True)
+        edge_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=pos.device)
+        forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, n, edge_graph, 1)
+        virial = virial[0]
+        grad_pos = grads[1]
+        if grad_pos is not None:
+            forces = forces - grad_pos
+            virial = virial - pos.detach().transpose(0, 1) @ grad_pos
+        grad_cell = grads[2]
+        if grad_cell is not None:
+            virial = virial - cell.detach().transpose(0, 1) @ grad_cell
+        if self.direct_forces:
+            forces = out["forces"]
+        return energy.detach(), atom_energy.detach(), forces.detach(), virial.detach()
+
     @torch.jit.export
     def dipole(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor, cell: Tensor,
                total_charge: float = 0.0) -> Tensor:
@@ -113,13 +158,14 @@ class ExportedHeadsPotential(nn.Module):
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         q = torch.full((1,), total_charge, dtype=pos.dtype, device=pos.device)
         with torch.no_grad():
-            out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q)
+            out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q, cell.unsqueeze(0))
         return out["dipole"][0]
 
 
 def has_heads(model: nn.Module) -> bool:
     """True for a model whose export needs :class:`ExportedHeadsPotential`."""
-    return bool(getattr(model, "direct_forces", False)) or bool(getattr(model, "has_dipole", False))
+    return bool(getattr(model, "direct_forces", False)) or bool(getattr(model, "has_dipole", False)) \
+        or bool(getattr(model, "has_long_range", False))
 
 
 def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = "none",
@@ -149,6 +195,22 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
         meta["dipole_mode"] = str(energy_model.dipole_mode)
         meta["units"]["dipole"] = "e*Angstrom"
         meta["methods"] = {"dipole": "(pos, species, edge_index, edge_shift, cell, total_charge: float) -> dipole[3]"}
+    if bool(getattr(energy_model, "has_long_range", False)):
+        from .longrange import K_E, ewald_parameters
+        el = energy_model.electrostatics
+        alpha, k_cut = ewald_parameters(el.accuracy, el.cutoff, el.alpha)
+        meta["long_range"] = {
+            "method": str(energy_model.long_range),
+            "accuracy": float(el.accuracy),
+            "real_space_cutoff": float(el.cutoff),
+            "alpha": float(alpha),
+            "k_cut": float(k_cut),
+            "damping": float(el.damping),
+            "coulomb_constant": K_E,
+            "total_charge": 0.0,
+            "requires": "all atoms of the system once each (n_local == N, no ghosts) and the cell "
+                        "(lattice rows in Angstrom; all zeros for open boundaries)",
+        }
     if extra:
         meta.update(extra)
     return meta

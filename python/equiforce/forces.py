@@ -87,6 +87,7 @@ def model_outputs(
     num_graphs: int,
     create_graph: bool = False,
     total_charge: Optional[Tensor] = None,
+    cell: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
     """Every output of a model with heads (:meth:`equiforce.model.EquiforceModel.predict`) in one pass.
 
@@ -97,11 +98,21 @@ def model_outputs(
     the energy head (a direct-force head has no virial of its own). Models without ``predict``
     (energy models such as :class:`equiforce.analytic.AnalyticMessageModel`) fall back to
     :func:`energy_forces_virial`.
+
+    Long-range models (``model.has_long_range``) also need ``cell`` [B, 3, 3] (Å, lattice rows; zeros
+    for open boundaries). Their energy depends on the edge vectors (short-range part and charges)
+    and directly on ``pos`` and ``cell`` (electrostatics), all three taken as independent leaves:
+    ``forces = -dE/dpos`` adds the direct term to the edge forces (so the charge-response term
+    ``-dE/dq dq/dpos`` is included), and the virial adds the strain derivative of the direct part,
+    ``-(sum_i pos_i (x) dE/dpos_i + cell^T dE/dcell)`` per structure.
     """
     if not hasattr(model, "predict"):
         energy, atom_energy, forces, virial = energy_forces_virial(
             model, pos, species, edge_index, edge_shift, batch, num_graphs, create_graph)
         return {"energy": energy, "per_atom_energy": atom_energy, "forces": forces, "virial": virial}
+    if bool(getattr(model, "has_long_range", False)):
+        return _long_range_outputs(model, pos, species, edge_index, edge_shift, batch, num_graphs, create_graph,
+                                   total_charge, cell)
     edge_vec = edge_vectors(pos, edge_index, edge_shift)
     if not edge_vec.requires_grad:
         edge_vec = edge_vec.requires_grad_(True)
@@ -110,6 +121,39 @@ def model_outputs(
     grads = torch.autograd.grad([energy.sum()], [edge_vec], create_graph=create_graph, allow_unused=True)
     edge_graph = batch.index_select(0, edge_index[0])
     forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
+    out["energy"] = energy
+    out["virial"] = virial
+    if "forces" in out:
+        out["conservative_forces"] = forces
+    else:
+        out["forces"] = forces
+    return out
+
+
+def _long_range_outputs(model: torch.nn.Module, pos: Tensor, species: Tensor, edge_index: Tensor,
+                        edge_shift: Tensor, batch: Tensor, num_graphs: int, create_graph: bool,
+                        total_charge: Optional[Tensor], cell: Optional[Tensor]) -> Dict[str, Tensor]:
+    """:func:`model_outputs` for a long-range model (edge vectors, positions and cell as leaves)."""
+    if cell is None:
+        raise ValueError("a long-range model needs the cell: pass cell= [B, 3, 3] (Å, lattice vectors as rows; "
+                         "zeros for molecules) to model_outputs")
+    if cell.dim() == 2:
+        cell = cell.unsqueeze(0)
+    edge_vec = edge_vectors(pos.detach(), edge_index, edge_shift).requires_grad_(True)
+    pos_leaf = pos.detach().clone().requires_grad_(True)
+    cell_leaf = cell.detach().to(pos.dtype).clone().requires_grad_(True)
+    out = dict(model.predict(species, edge_index, edge_vec, batch, num_graphs, pos_leaf, total_charge, cell_leaf))
+    energy = scatter_sum(out["per_atom_energy"], batch, num_graphs)
+    grads = torch.autograd.grad([energy.sum()], [edge_vec, pos_leaf, cell_leaf], create_graph=create_graph,
+                                allow_unused=True)
+    edge_graph = batch.index_select(0, edge_index[0])
+    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
+    grad_pos, grad_cell = grads[1], grads[2]
+    if grad_pos is not None:
+        forces = forces - grad_pos
+        virial = virial - scatter_sum(pos_leaf.detach().unsqueeze(2) * grad_pos.unsqueeze(1), batch, num_graphs)
+    if grad_cell is not None:
+        virial = virial - torch.einsum("bki,bkj->bij", cell_leaf.detach(), grad_cell)
     out["energy"] = energy
     out["virial"] = virial
     if "forces" in out:

@@ -18,6 +18,13 @@ Extra outputs (:mod:`equiforce.heads`, :meth:`EquiforceModel.predict`), chosen i
 
 * ``dipole``: "direct" (sum of per-atom l=1 vectors, times ``dipole_scale``), "charges"
   (``sum q_i (r_i - centroid)`` with conserved total charge), "both" (their sum), "none".
+* ``long_range``: "ewald" adds the electrostatic energy of learned atomic charges (a
+  :class:`equiforce.heads.ChargeHead`, total charge conserved exactly) to the per-atom energies:
+  Ewald summation for periodic cells, plain Coulomb for open boundaries
+  (:mod:`equiforce.longrange`; settings ``long_range_accuracy``, ``long_range_cutoff`` Å,
+  ``long_range_damping`` Å). Such a model needs positions and the cell: use :meth:`predict` /
+  :func:`equiforce.forces.model_outputs` (``forward`` raises). With a charge dipole head the same
+  charges serve both.
 * ``direct_forces``: forces predicted as a per-atom l=1 output ``F_i = scale[s_i] * v_i`` and trained
   directly on forces; NOT the gradient of the energy (non-conservative: curl != 0), the energy
   head stays for the energy.
@@ -40,6 +47,7 @@ from .gate import Gate
 from .heads import ChargeHead, VectorHead, charge_dipole, conserve_charge
 from .irreps import Irreps, spherical_harmonics_irreps
 from .linear import Linear, SpeciesLinear
+from .longrange import Electrostatics
 from .radial import BesselBasis, RadialMLP, polynomial_cutoff
 from .scatter import scatter_sum
 from .spherical_harmonics import safe_norm, safe_normalize, spherical_harmonics
@@ -47,6 +55,7 @@ from .tensor_product import EdgeTensorProduct
 
 SYMMETRIES = ("O3", "SE3")
 DIPOLE_MODES = ("none", "direct", "charges", "both")
+LONG_RANGE_MODES = ("none", "ewald")
 
 
 @dataclass
@@ -66,6 +75,10 @@ class ModelConfig:
     resnet: bool = True             # residual update when a layer's irreps in == out
     dipole: str = "none"            # dipole head: "none" | "direct" | "charges" | "both" (e·Å)
     direct_forces: bool = False     # forces from a per-atom l=1 head (non-conservative baseline)
+    long_range: str = "none"        # "none" | "ewald": + electrostatics of learned charges
+    long_range_accuracy: float = 1e-6   # relative Ewald accuracy (sets alpha and k_cut)
+    long_range_cutoff: float = 10.0     # Ewald real-space cutoff (Å)
+    long_range_damping: float = 0.0     # Coulomb kernel erf(r/w)/r with width w (Å); 0: 1/r
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -100,6 +113,22 @@ class ModelConfig:
             raise ValueError(f"dipole must be one of {DIPOLE_MODES}, got {self.dipole!r}")
         if not isinstance(self.direct_forces, bool):
             raise ValueError(f"direct_forces must be true or false, got {self.direct_forces!r}")
+        if self.long_range not in LONG_RANGE_MODES:
+            raise ValueError(f"long_range must be one of {LONG_RANGE_MODES}, got {self.long_range!r}")
+        if self.long_range != "none":
+            if not (isinstance(self.long_range_accuracy, float) and 0.0 < self.long_range_accuracy < 1e-2):
+                raise ValueError("long_range_accuracy must be a relative accuracy in (0, 0.01), e.g. 1e-6, "
+                                 f"got {self.long_range_accuracy!r}")
+            if not (isinstance(self.long_range_cutoff, (int, float)) and self.long_range_cutoff > 0):
+                raise ValueError(f"long_range_cutoff must be a real-space cutoff > 0 Å (e.g. 10.0), "
+                                 f"got {self.long_range_cutoff!r}")
+            if not (isinstance(self.long_range_damping, (int, float)) and self.long_range_damping >= 0):
+                raise ValueError(f"long_range_damping must be a width >= 0 Å (0: plain 1/r), "
+                                 f"got {self.long_range_damping!r}")
+            s = math.sqrt(-math.log(self.long_range_accuracy))
+            if self.long_range_damping * s > self.long_range_cutoff:
+                raise ValueError(f"long_range_damping {self.long_range_damping} Å needs long_range_cutoff >= "
+                                 f"{self.long_range_damping * s:.3g} Å; raise the cutoff or lower the damping")
 
 
 class InteractionLayer(nn.Module):
@@ -158,6 +187,8 @@ class EquiforceModel(nn.Module):
         self.dipole_mode = str(config.dipole)
         self.direct_forces = bool(config.direct_forces)
         self.has_dipole = self.dipole_mode != "none"
+        self.long_range = str(config.long_range)
+        self.has_long_range = self.long_range != "none"
         needs_vectors = self.dipole_mode in ("direct", "both") or self.direct_forces
         # with lmax >= 1 the last layer also outputs C vectors (1o in O(3), 1e in SE(3) mode)
         vector_ir = (1, -1 if parity else 1)
@@ -187,9 +218,12 @@ class EquiforceModel(nn.Module):
         vec = [vector_ir[0], vector_ir[1]]
         self.dipole_head = VectorHead(c, 1, vec, self.equivariant_vectors) \
             if self.dipole_mode in ("direct", "both") else None
-        self.charge_head = ChargeHead(c) if self.dipole_mode in ("charges", "both") else None
+        self.charge_head = ChargeHead(c) if self.dipole_mode in ("charges", "both") or self.has_long_range \
+            else None
+        self.electrostatics = Electrostatics(config.long_range_accuracy, float(config.long_range_cutoff),
+                                             0.0, float(config.long_range_damping)) if self.has_long_range else None
         self.force_head = VectorHead(c, 1, vec, self.equivariant_vectors) if self.direct_forces else None
-        if self.has_dipole:
+        if self.has_dipole or self.has_long_range:
             # e·Å per unit of network output; the trainer sets it to the RMS dipole component
             self.register_buffer("dipole_scale", torch.ones((), dtype=torch.float64))
         # True while training (parameters change); export freezes e_iso into `isolated_raw`
@@ -236,16 +270,24 @@ class EquiforceModel(nn.Module):
 
     def forward(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor, batch: Tensor,
                 num_graphs: int) -> Tensor:
+        if self.has_long_range:
+            raise RuntimeError("a long-range model (long_range = 'ewald') needs positions and the cell: call "
+                               "predict(..., pos=, cell=) or equiforce.forces.model_outputs(..., cell=)")
         raw = self.raw_energy(species, edge_index, edge_vec)
         return self._atom_energy(raw, species, edge_vec)
 
     @torch.jit.export
     def predict(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor, batch: Tensor, num_graphs: int,
-                pos: Optional[Tensor] = None, total_charge: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                pos: Optional[Tensor] = None, total_charge: Optional[Tensor] = None,
+                cell: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Every output of the model in one pass over the features.
 
-        Args as :meth:`forward`, plus ``pos`` [N, 3] (Å; needed by the charge dipole) and
-        ``total_charge`` [B] (e; default 0). Returns a dict with ``per_atom_energy`` [N] (eV) and,
+        Args as :meth:`forward`, plus ``pos`` [N, 3] (Å; needed by the charge dipole and long-range
+        models), ``total_charge`` [B] (e; default 0) and ``cell`` [B, 3, 3] (Å, lattice rows; zeros
+        for open boundaries; needed by long-range models). For long-range models
+        ``per_atom_energy`` includes the electrostatic part, given alone as ``electrostatic_energy``
+        [N]; forces need the gradients with respect to ``pos`` and ``cell`` as well as ``edge_vec``
+        (see :func:`equiforce.forces.model_outputs`). Returns a dict with ``per_atom_energy`` [N] (eV) and,
         when configured, ``dipole`` [B, 3] (e·Å), ``charges`` [N] (e), ``direct_dipole`` /
         ``charge_dipole`` [B, 3] (the two parts of ``dipole`` in mode "both"), ``forces`` [N, 3]
         (eV/Å, the direct-force head; conservative forces are ``-dE/dpos``, see
@@ -263,7 +305,7 @@ class EquiforceModel(nn.Module):
         charge_head = self.charge_head
         if charge_head is not None:
             if pos is None:
-                raise ValueError("the charge dipole needs the positions: pass pos= to predict")
+                raise ValueError("atomic charges (charge dipole, long-range) need the positions: pass pos= to predict")
             q = charge_head(x) * self.dipole_scale.to(edge_vec.dtype)
             if total_charge is None:
                 total = torch.zeros(num_graphs, dtype=edge_vec.dtype, device=edge_vec.device)
@@ -271,9 +313,18 @@ class EquiforceModel(nn.Module):
                 total = total_charge.to(edge_vec.dtype)
             q = conserve_charge(q, batch, num_graphs, total)
             out["charges"] = q
-            qd = charge_dipole(q, pos.to(edge_vec.dtype), batch, num_graphs)
-            out["charge_dipole"] = qd
-            dipole = dipole + qd
+            if self.dipole_mode in ("charges", "both"):
+                qd = charge_dipole(q, pos.to(edge_vec.dtype), batch, num_graphs)
+                out["charge_dipole"] = qd
+                dipole = dipole + qd
+            electrostatics = self.electrostatics
+            if electrostatics is not None:
+                if cell is None:
+                    raise ValueError("a long-range model needs the cell: pass cell= [B, 3, 3] to predict "
+                                     "(zeros for open boundaries)")
+                e_el = electrostatics(pos.to(edge_vec.dtype), q, cell.to(edge_vec.dtype), batch, num_graphs)
+                out["electrostatic_energy"] = e_el
+                out["per_atom_energy"] = out["per_atom_energy"] + e_el
         if self.has_dipole:
             out["dipole"] = dipole
         force_head = self.force_head

@@ -44,6 +44,7 @@ from .config import CheckpointError, ConfigError, DataError, TrainConfig
 from .data import Graph, average_num_neighbors, collate, load_dataset, split_indices
 from .forces import model_outputs
 from .model import EquiforceModel, ModelConfig
+from .rotations import random_rotations
 
 CHECKPOINT_KIND = "equiforce-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -162,7 +163,7 @@ def predict(model: nn.Module, batch: dict, create_graph: bool) -> Dict[str, Tens
     with torch.enable_grad():
         out = model_outputs(model, batch["pos"], batch["species"], batch["edge_index"], batch["edge_shift"],
                             batch["batch"], batch["num_graphs"], create_graph=create_graph,
-                            total_charge=batch.get("total_charge"))
+                            total_charge=batch.get("total_charge"), cell=_long_range_cell(model, batch))
     virial = out["virial"]
     volume = torch.linalg.det(batch["cell"]).abs()
     safe = torch.where(volume > 0, volume, torch.ones_like(volume))
@@ -173,16 +174,16 @@ def predict(model: nn.Module, batch: dict, create_graph: bool) -> Dict[str, Tens
     return pred
 
 
-def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` uniformly random proper rotation matrices [n, 3, 3] (QR of Gaussian matrices)."""
-    out = np.zeros((n, 3, 3))
-    for k in range(n):
-        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-        q = q * np.sign(np.diag(r))
-        if np.linalg.det(q) < 0:
-            q[:, 0] = -q[:, 0]
-        out[k] = q
-    return out
+def _long_range_cell(model: nn.Module, batch: dict) -> Optional[Tensor]:
+    """Cells [B, 3, 3] for the electrostatics of a long-range model (zeros for molecules), else None."""
+    if not bool(getattr(model, "has_long_range", False)):
+        return None
+    pbc = batch["pbc"].to(torch.bool)
+    full = pbc.all(dim=1)
+    if bool((pbc.any(dim=1) & ~full).any()):
+        raise DataError("model.long_range needs fully periodic structures (pbc=T T T) or molecules (pbc=F F F); "
+                        "the data has partly periodic ones (slabs/wires), which the Ewald sum does not cover")
+    return batch["cell"] * full.to(batch["cell"].dtype).view(-1, 1, 1)
 
 
 def rotate_batch(batch: dict, rotations: Tensor) -> dict:
