@@ -218,6 +218,8 @@ Metadata parse_metadata(const std::string &json, const std::string &path) {
   m.num_layers = static_cast<int>(require(root, "num_layers", JsonValue::Number, path).num);
   m.receptive_field = require(root, "receptive_field", JsonValue::Number, path).num;
   m.dtype = require(root, "dtype", JsonValue::String, path).str;
+  auto lr = root.obj.find("long_range");
+  m.long_range = lr != root.obj.end() && lr->second.kind == JsonValue::Object;
   if (!(m.r_max > 0.0) || m.num_layers < 1 || m.receptive_field < m.r_max)
     throw Error("model file '" + path + "': inconsistent metadata (r_max " + std::to_string(m.r_max) +
                 ", num_layers " + std::to_string(m.num_layers) + ", receptive_field " +

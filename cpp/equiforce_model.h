@@ -31,6 +31,7 @@ struct Metadata {
   int num_layers = 0;
   double receptive_field = 0.0;      // distance an atom's energy depends on (Angstrom)
   std::string dtype;                 // "float32" or "float64"
+  bool long_range = false;           // electrostatics over all atoms given (needs every atom, n_local = N)
   std::string json;                  // the raw metadata text
 };
 

@@ -124,6 +124,7 @@ void PairEquiforce::coeff(int narg, char **arg) {
   r_max_ = meta.r_max;
   num_layers_ = meta.num_layers;
   receptive_field_ = meta.receptive_field;
+  long_range_ = meta.long_range;
 
   std::string known;
   for (const auto &s : meta.species) known += (known.empty() ? "" : " ") + s;
@@ -198,6 +199,11 @@ void PairEquiforce::init_style() {
     logged_path_ = 1;
     return;
   }
+  if (long_range_)
+    error->all(FLERR, "pair_style equiforce: this model has long-range electrostatics (metadata 'long_range'), "
+                      "which need every atom of the system in one model call; that holds on 1 MPI rank only "
+                      "(without 'ghost_shell yes'). Run it on one rank (the multi-rank design is in "
+                      "examples/longrange/README.md)");
   // ghost shell: every atom within the receptive field of a local atom must be present (with its
   // own neighbours), at any time until the next reneighbouring (hence + skin)
   const double need = receptive_field_ + neighbor->skin;
@@ -425,8 +431,10 @@ void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t>
   auto edge_index = torch::from_blob(edges.data(), {ne, 2}, torch::kInt64).t().contiguous();
   torch::Tensor edge_shift;  // undefined = zeros (ghost-shell path)
   if (!shifts.empty()) edge_shift = torch::from_blob(shifts.data(), {ne, 3}, torch::kFloat64);
+  // lattice vectors as rows for a fully periodic box; zeros otherwise (the exported convention: a
+  // long-range model then sums plain Coulomb, and a short-range model never reads the cell)
   auto cell = torch::zeros({3, 3}, torch::kFloat64);
-  {
+  if (domain->xperiodic && domain->yperiodic && domain->zperiodic) {
     auto c = cell.accessor<double, 2>();
     c[0][0] = domain->xprd;
     c[1][0] = domain->xy;

@@ -58,6 +58,7 @@ class PairEquiforce : public Pair {
   int num_layers_ = 0;
   int local_rank_ = 0, local_size_ = 1;
   bool force_ghost_shell_ = false;  // `ghost_shell yes`: ghost-shell path even on one rank
+  bool long_range_ = false;         // the model sums electrostatics over every atom it is given
   bool use_images_ = false;         // this run uses the serial-images path (set in init_style)
   int logged_path_ = -1;            // path last reported in the log (0 ghost shell, 1 images)
   std::string dump_path_;  // EQUIFORCE_DUMP_EDGES

@@ -507,8 +507,8 @@ def test_lammps_mpi_refuses_long_range_model(lammps_case, tmp_path):
         pytest.skip("mpirun is not available")
     s, data, path, _ = lammps_case
     proc = run_lmp(deck(data, path, SPECIES, True, processors="2 1 1"), str(tmp_path), nprocs=2)
-    # the exported module refuses ghost atoms (n_local < N) instead of returning wrong numbers; the
-    # C++ runtime shows only the first line of the TorchScript error (the full text is in the
-    # Python-side test above: "... need every atom of the system exactly once ... one MPI rank")
+    # refused at init with a message naming the problem and the fix (the exported module would also
+    # refuse ghost atoms, n_local < N, rather than return wrong numbers)
     assert proc.returncode != 0
-    assert "pair equiforce: equiforce: evaluating model" in proc.stdout and "EQF_RESULT" not in proc.stdout
+    assert "has long-range electrostatics" in proc.stdout and "Run it on one rank" in proc.stdout
+    assert "EQF_RESULT" not in proc.stdout
