@@ -512,3 +512,28 @@ def test_lammps_mpi_refuses_long_range_model(lammps_case, tmp_path):
     assert proc.returncode != 0
     assert "has long-range electrostatics" in proc.stdout and "Run it on one rank" in proc.stdout
     assert "EQF_RESULT" not in proc.stdout
+
+
+def test_ase_calculator_cell_convention(tmp_path):
+    """ASE Atoms often carry a cell with pbc=False: a long-range model must then sum plain Coulomb
+    (zero cell), equal to the same molecule without a cell; a slab is refused, not summed as 3D."""
+    import ase
+
+    from equiforce.ase import EquiforceCalculator
+
+    rng = np.random.default_rng(21)
+    pos, species, cell = model_system(rng)
+    path = str(tmp_path / "lr.pt")
+    export_model(make_model(dipole="charges").for_export(), path, dtype=torch.float64, symmetry="O3")
+    symbols = [SPECIES[s] for s in species]
+    bare = ase.Atoms(symbols, positions=pos)
+    boxed = ase.Atoms(symbols, positions=pos, cell=cell, pbc=False)
+    bare.calc, boxed.calc = EquiforceCalculator(path), EquiforceCalculator(path)
+    e_bare = bare.get_potential_energy()
+    assert abs(boxed.get_potential_energy() - e_bare) < 1e-12 * abs(e_bare)
+    ref = outputs(make_model(dipole="charges"), pos, species, np.zeros((3, 3)))
+    assert abs(e_bare - float(ref["energy"][0])) < 1e-10 * abs(e_bare)
+    slab = ase.Atoms(symbols, positions=pos, cell=cell, pbc=[True, True, False])
+    slab.calc = EquiforceCalculator(path)
+    with pytest.raises(ValueError, match="pbc=True in all directions or none"):
+        slab.get_potential_energy()

@@ -74,12 +74,18 @@ class EquiforceCalculator(Calculator):
         pos = torch.tensor(atoms.positions, dtype=self.dtype, device=self.device)
         cell_np = atoms.cell.array if pbc.any() else np.zeros((3, 3))
         cell = torch.tensor(cell_np, dtype=self.dtype, device=self.device)
+        # the exported convention: lattice rows for a fully periodic system, zeros otherwise (only
+        # long-range models read it; they cover 3D-periodic cells and molecules, not slabs)
+        if "long_range" in self.metadata and pbc.any() and not pbc.all():
+            raise ValueError(f"EquiforceCalculator: '{self.model_path}' has long-range electrostatics, which need "
+                             f"pbc=True in all directions or none; these Atoms have pbc={pbc.tolist()}")
+        model_cell = cell if pbc.all() else torch.zeros_like(cell)
         try:
             edge_index, edge_shift, _ = neighbor_list(pos, self.r_max, cell, torch.tensor(pbc, device=self.device))
         except ValueError as exc:
             raise ValueError(f"EquiforceCalculator: cannot build neighbours for these Atoms: {exc}") from None
         with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
-            energy, per_atom, forces, virial = self.module(pos, species, edge_index, edge_shift, cell, n)
+            energy, per_atom, forces, virial = self.module(pos, species, edge_index, edge_shift, model_cell, n)
         e = float(energy)
         self.results = {
             "energy": e,

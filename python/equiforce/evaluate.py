@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from .config import DataError
 from .data import atoms_to_graph, extract_dipole, extract_labels, extract_total_charge, read_structures
 from .export import load_exported
 
@@ -42,9 +43,14 @@ def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy
         energy, forces, stress = extract_labels(atoms, k, data_path, energy_key, forces_key, stress_key)
         g = atoms_to_graph(atoms, species, r_max, where=where)
         n = len(atoms)
+        # the exported convention: lattice rows for a fully periodic structure, zeros otherwise
+        if "long_range" in meta and bool(g["pbc"].any()) and not bool(g["pbc"].all()):
+            raise DataError(f"{where} is partly periodic (pbc={g['pbc'].tolist()}); the long-range model in "
+                            f"'{model_path}' covers 3D-periodic structures and molecules only")
+        cell = g["cell"] if bool(g["pbc"].all()) else torch.zeros_like(g["cell"])
         with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
             e, _, f, virial = module(g["pos"].to(dtype), g["species"], g["edge_index"], g["edge_shift"].to(dtype),
-                                     g["cell"].to(dtype), n)
+                                     cell.to(dtype), n)
         e_abs += abs(float(e) - energy) / n
         df = f.double().numpy() - forces
         f_abs += float(np.abs(df).sum())
@@ -60,7 +66,7 @@ def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy
             q = extract_total_charge(atoms, k, data_path, charge_key)
             with torch.jit.optimized_execution(False):
                 mu = module.dipole(g["pos"].to(dtype), g["species"], g["edge_index"], g["edge_shift"].to(dtype),
-                                   g["cell"].to(dtype), q)
+                                   cell.to(dtype), q)
             d_abs += float(np.abs(mu.double().numpy() - ref_dipole).sum())
             n_dipole += 3
     n = len(frames)
