@@ -66,15 +66,29 @@ def energy_forces_virial(
 
     Returns ``(energy [B] eV, per_atom_energy [N] eV, forces [N, 3] eV/Å, virial [B, 3, 3] eV)``.
     """
-    edge_vec = edge_vectors(pos, edge_index, edge_shift)
-    if not edge_vec.requires_grad:
-        edge_vec = edge_vec.requires_grad_(True)
+    edge_vec = _edge_leaf(pos, edge_index, edge_shift)
     atom_energy = model(species, edge_index, edge_vec, batch, num_graphs)
+    energy, forces, virial = _energy_forces_from_edges(atom_energy, edge_vec, edge_index, batch, num_graphs,
+                                                       create_graph)
+    return energy, atom_energy, forces, virial
+
+
+def _edge_leaf(pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> Tensor:
+    """Edge vectors [E, 3] that require grad: the geometry the energy is differentiated against."""
+    edge_vec = edge_vectors(pos, edge_index, edge_shift)
+    return edge_vec if edge_vec.requires_grad else edge_vec.requires_grad_(True)
+
+
+def _energy_forces_from_edges(atom_energy: Tensor, edge_vec: Tensor, edge_index: Tensor, batch: Tensor,
+                              num_graphs: int, create_graph: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-graph energy [B], forces [N, 3] and virial [B, 3, 3] from per-atom energies that depend on
+    the geometry through ``edge_vec`` only."""
     energy = scatter_sum(atom_energy, batch, num_graphs)
     grads = torch.autograd.grad([energy.sum()], [edge_vec], create_graph=create_graph, allow_unused=True)
     edge_graph = batch.index_select(0, edge_index[0])
-    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
-    return energy, atom_energy, forces, virial
+    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, batch.shape[0], edge_graph,
+                                                  num_graphs)
+    return energy, forces, virial
 
 
 def model_outputs(
@@ -113,14 +127,10 @@ def model_outputs(
     if bool(getattr(model, "has_long_range", False)):
         return _long_range_outputs(model, pos, species, edge_index, edge_shift, batch, num_graphs, create_graph,
                                    total_charge, cell)
-    edge_vec = edge_vectors(pos, edge_index, edge_shift)
-    if not edge_vec.requires_grad:
-        edge_vec = edge_vec.requires_grad_(True)
+    edge_vec = _edge_leaf(pos, edge_index, edge_shift)
     out = dict(model.predict(species, edge_index, edge_vec, batch, num_graphs, pos, total_charge))
-    energy = scatter_sum(out["per_atom_energy"], batch, num_graphs)
-    grads = torch.autograd.grad([energy.sum()], [edge_vec], create_graph=create_graph, allow_unused=True)
-    edge_graph = batch.index_select(0, edge_index[0])
-    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, pos.shape[0], edge_graph, num_graphs)
+    energy, forces, virial = _energy_forces_from_edges(out["per_atom_energy"], edge_vec, edge_index, batch,
+                                                       num_graphs, create_graph)
     out["energy"] = energy
     out["virial"] = virial
     if "forces" in out:
