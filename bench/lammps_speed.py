@@ -6,8 +6,9 @@ size (channels 32, lmax 1, 3 layers, r_max 5 Å, random weights), float32 and fl
 * `lmp` NVE steps/s and atom-steps/s (LAMMPS' own "Loop time" of a timed `run` after a warm-up
   `run`; neighbour-list rebuilds and communication included) on 1 MPI rank (serial-images path)
   and 2 MPI ranks (ghost-shell path, every rank evaluates its atoms plus the ghost atoms within
-  the receptive field 3 x 5 Å + skin), and for 64 atoms 1 rank with `ghost_shell yes` (the cost
-  before the serial-images path existed);
+  the receptive field 3 x 5 Å + skin) and 2 MPI ranks on the gather path (`path gather`: every
+  rank evaluates the whole gathered system), and for 64 atoms 1 rank with `path ghost_shell` (the
+  cost before the serial-images path existed);
 * the Python exported module's energy+forces+virial call on the same structure (neighbour list
   built outside the timer; median of repeated calls after a warm-up).
 
@@ -73,10 +74,10 @@ def write_data(path: str, pos: np.ndarray, cell: np.ndarray) -> None:
 
 
 def lmp_steps_per_s(workdir: str, data: str, model: str, nprocs: int, steps: int,
-                    ghost_shell: bool = False) -> Dict[str, float]:
+                    path: str = "auto") -> Dict[str, float]:
     """Time `steps` NVE steps; returns steps/s from LAMMPS' loop time. The run's setup (one force
     evaluation, not part of the loop time) is the warm-up of the TorchScript module."""
-    extra = " ghost_shell yes" if ghost_shell else ""
+    extra = f" path {path}"
     deck = f"""units metal
 atom_style atomic
 boundary p p p
@@ -182,19 +183,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                              "here; --allow-big runs it"}
                         continue
                     try:
-                        row[f"lmp_np{nprocs}"] = lmp_steps_per_s(tmp, data, model, nprocs, k)
+                        row[f"lmp_np{nprocs}"] = lmp_steps_per_s(tmp, data, model, nprocs, k,
+                                                                 path="auto" if nprocs == 1 else "ghost_shell")
                     except RuntimeError as e:
                         row[f"lmp_np{nprocs}"] = {"error": str(e).splitlines()[0]}
                         print(f"  {n} atoms {dtype_name} np{nprocs}: {str(e).splitlines()[0]}", flush=True)
+                    if nprocs > 1:
+                        try:
+                            row[f"lmp_np{nprocs}_gather"] = lmp_steps_per_s(tmp, data, model, nprocs, steps[n],
+                                                                            path="gather")
+                        except RuntimeError as e:
+                            row[f"lmp_np{nprocs}_gather"] = {"error": str(e).splitlines()[0]}
                 if not args.no_ghost_shell_serial and n == 64:
                     row["lmp_np1_ghost_shell"] = lmp_steps_per_s(tmp, data, model, 1, steps_ghost[n],
-                                                                 ghost_shell=True)
+                                                                 path="ghost_shell")
                 rows.append(row)
                 print(f"  done {n} atoms {dtype_name} ({time.time() - t_start:.0f} s)", flush=True)
     load_after = os.getloadavg()
 
     header = (f"{'atoms':>6} {'dtype':>8} {'python ms':>10} {'py atom-st/s':>12} "
               + " ".join(f"{'np' + str(k) + ' st/s':>10} {'np' + str(k) + ' at-st/s':>11}" for k in args.ranks)
+              + "".join(f" {'np' + str(k) + ' gather st/s':>16}" for k in args.ranks if k > 1)
               + f" {'np1 ghost-shell st/s':>21} {'overhead np1':>12}")
     print(header)
     for row in rows:
@@ -208,6 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 cells.append(f"{'skipped' if 'skipped' in r else 'failed':>10} {'-':>11}")
         line += " ".join(cells)
+        for k in args.ranks:
+            if k > 1:
+                r = row.get(f"lmp_np{k}_gather", {})
+                line += f" {r['steps_per_s']:>16.3f}" if "steps_per_s" in r else f" {'failed':>16}"
         gs = row.get("lmp_np1_ghost_shell")
         line += f" {gs['steps_per_s']:>21.3f}" if gs else f" {'-':>21}"
         if 1 in args.ranks:

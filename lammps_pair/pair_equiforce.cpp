@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -69,26 +70,40 @@ void PairEquiforce::allocate() {
 }
 
 /* ----------------------------------------------------------------------
-   pair_style equiforce [device cpu|cuda|cuda:N|auto] [ghost_shell auto|yes]
+   pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|gather|ghost_shell]
+   (`ghost_shell auto|yes`: the older spelling of `path auto|ghost_shell`)
 ------------------------------------------------------------------------- */
+
+static const char *kUsage = "usage: pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|gather|ghost_shell]";
 
 void PairEquiforce::settings(int narg, char **arg) {
   int iarg = 0;
+  path_request_ = AUTO;
   while (iarg < narg) {
     if (strcmp(arg[iarg], "device") == 0) {
       if (iarg + 1 >= narg)
         error->all(FLERR, "pair_style equiforce: 'device' needs a value: cpu, cuda, cuda:N or auto");
       device_request_ = arg[iarg + 1];
       iarg += 2;
+    } else if (strcmp(arg[iarg], "path") == 0) {
+      const char *v = iarg + 1 < narg ? arg[iarg + 1] : "";
+      if (strcmp(v, "auto") == 0) path_request_ = AUTO;
+      else if (strcmp(v, "images") == 0) path_request_ = IMAGES;
+      else if (strcmp(v, "gather") == 0) path_request_ = GATHER;
+      else if (strcmp(v, "ghost_shell") == 0) path_request_ = GHOST_SHELL;
+      else
+        error->all(FLERR, "pair_style equiforce: 'path' needs a value: auto (images on one MPI rank; on several, "
+                          "gather for long-range models and ghost_shell otherwise), images, gather or ghost_shell");
+      iarg += 2;
     } else if (strcmp(arg[iarg], "ghost_shell") == 0) {
       if (iarg + 1 >= narg || (strcmp(arg[iarg + 1], "auto") != 0 && strcmp(arg[iarg + 1], "yes") != 0))
         error->all(FLERR, "pair_style equiforce: 'ghost_shell' needs a value: auto (serial-images path on "
-                          "one MPI rank, ghost shell on several) or yes (ghost shell always)");
-      force_ghost_shell_ = strcmp(arg[iarg + 1], "yes") == 0;
+                          "one MPI rank, ghost shell on several) or yes (ghost shell always; same as "
+                          "'path ghost_shell')");
+      path_request_ = strcmp(arg[iarg + 1], "yes") == 0 ? GHOST_SHELL : AUTO;
       iarg += 2;
     } else {
-      error->all(FLERR, "pair_style equiforce: unknown keyword '{}'; usage: pair_style equiforce "
-                        "[device cpu|cuda|cuda:N|auto] [ghost_shell auto|yes]", arg[iarg]);
+      error->all(FLERR, "pair_style equiforce: unknown keyword '{}'; {}", arg[iarg], kUsage);
     }
   }
 }
@@ -186,35 +201,71 @@ void PairEquiforce::init_style() {
     error->all(FLERR, "pair_style equiforce requires comm_modify mode single");
 
   // one rank: every ghost is a periodic image of a local atom, so the model can run on the local
-  // atoms alone with shifted edges (no ghost neighbour lists, ghost cutoff r_max + skin)
-  use_images_ = comm->nprocs == 1 && !force_ghost_shell_;
-  ghostneigh = use_images_ ? 0 : 1;  // read by Neighbor::init(), which runs after this
-  neighbor->add_request(this, use_images_ ? NeighConst::REQ_FULL : NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+  // atoms alone with shifted edges (no ghost neighbour lists, ghost cutoff r_max + skin). Several
+  // ranks: a long-range model needs every atom in one call (gather). A short-range one takes the
+  // path with fewer atoms per rank: the ghost shell evaluates a sub-domain widened by the
+  // receptive field + skin on every side, the gather path the whole box.
+  path_ = path_request_;
+  auto_reason_.clear();
+  if (path_ == AUTO) {
+    if (comm->nprocs == 1) {
+      path_ = IMAGES;
+    } else if (long_range_) {
+      path_ = GATHER;
+    } else {
+      const double w = receptive_field_ + neighbor->skin;
+      const double prd[3] = {domain->xprd, domain->yprd, domain->zprd};
+      double shell = 1.0, box = 1.0;
+      for (int d = 0; d < 3; d++) {
+        shell *= prd[d] / comm->procgrid[d] + 2.0 * w;
+        box *= prd[d];
+      }
+      path_ = shell < box ? GHOST_SHELL : GATHER;
+      auto_reason_ = fmt::format("path auto: a widened sub-domain is {:.3g}x the box volume", shell / box);
+    }
+  }
+  if (path_ == IMAGES && comm->nprocs > 1)
+    error->all(FLERR, "pair_style equiforce: 'path images' works on one MPI rank only ({} ranks here); use "
+                      "'path auto', 'path gather' or 'path ghost_shell'", comm->nprocs);
+  if (path_ == GHOST_SHELL && long_range_)
+    error->all(FLERR, "pair_style equiforce: this model has long-range electrostatics (metadata 'long_range'), "
+                      "which need every atom of the system in one model call; the ghost-shell path cannot give "
+                      "that. Use 'path auto' or 'path gather' (every rank evaluates the gathered system)");
+  const bool ghosts = path_ == GHOST_SHELL;
+  ghostneigh = ghosts ? 1 : 0;  // read by Neighbor::init(), which runs after this
+  neighbor->add_request(this, ghosts ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST : NeighConst::REQ_FULL);
 
-  if (use_images_) {
-    if (comm->me == 0 && logged_path_ != 1)
+  if (path_ == IMAGES) {
+    if (comm->me == 0 && logged_path_ != IMAGES)
       utils::logmesg(lmp, "pair equiforce: serial-images path (1 MPI rank): the model runs on the local atoms "
                           "only, ghost atoms enter as periodic-image edge shifts; ghost cutoff stays r_max "
                           "{:.4g} A + neighbor skin {:.4g} A\n", r_max_, neighbor->skin);
-    logged_path_ = 1;
+    logged_path_ = IMAGES;
     return;
   }
-  if (long_range_)
-    error->all(FLERR, "pair_style equiforce: this model has long-range electrostatics (metadata 'long_range'), "
-                      "which need every atom of the system in one model call; that holds on 1 MPI rank only "
-                      "(without 'ghost_shell yes'). Run it on one rank (the multi-rank design is in "
-                      "examples/longrange/README.md)");
+  if (path_ == GATHER) {
+    if (comm->me == 0 && logged_path_ != GATHER)
+      utils::logmesg(lmp, "pair equiforce: gather path ({} MPI rank(s){}): every rank gathers all atoms and edges "
+                          "and evaluates the whole system{}; ghost cutoff stays r_max {:.4g} A + neighbor skin "
+                          "{:.4g} A\n", comm->nprocs,
+                     path_request_ == GATHER ? ", path gather" : (auto_reason_.empty() ? "" : ", " + auto_reason_),
+                     long_range_ ? " (the model has long-range electrostatics)" : "", r_max_, neighbor->skin);
+    logged_path_ = GATHER;
+    return;
+  }
   // ghost shell: every atom within the receptive field of a local atom must be present (with its
   // own neighbours), at any time until the next reneighbouring (hence + skin)
   const double need = receptive_field_ + neighbor->skin;
   if (comm->cutghostuser < need) comm->cutghostuser = need;
-  if (comm->me == 0 && logged_path_ != 0)
+  if (comm->me == 0 && logged_path_ != GHOST_SHELL)
     utils::logmesg(lmp, "pair equiforce: ghost-shell path ({} MPI rank(s){}): communication cutoff set to {:.4g} A "
                         "= receptive field {:.4g} A ({} layers x r_max {:.4g} A) + neighbor skin {:.4g} A, so "
                         "multi-layer message passing is exact across MPI ranks\n",
-                   comm->nprocs, force_ghost_shell_ ? ", ghost_shell yes" : "", comm->cutghostuser,
+                   comm->nprocs,
+                   path_request_ == GHOST_SHELL ? ", path ghost_shell" : (auto_reason_.empty() ? "" : ", " + auto_reason_),
+                   comm->cutghostuser,
                    receptive_field_, num_layers_, r_max_, neighbor->skin);
-  logged_path_ = 0;
+  logged_path_ = GHOST_SHELL;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -235,11 +286,15 @@ void PairEquiforce::compute(int eflag, int vflag) {
     error->all(FLERR, "pair_style equiforce does not compute per-atom virials (compute stress/atom); "
                       "the global virial and per-atom energies are available");
 
+  if (path_ == GATHER) {
+    compute_gathered();
+    return;
+  }
   std::vector<int> atoms;       // LAMMPS indices of the atoms given to the model, locals first
   std::vector<int64_t> edges;   // pairs (i, j) in the compact numbering of `atoms`
   std::vector<double> shifts;   // [E*3] Cartesian edge shifts (images path), empty otherwise
   int n_local = 0;
-  if (use_images_)
+  if (path_ == IMAGES)
     compute_images(atoms, edges, shifts, n_local);
   else
     compute_ghost_shell(atoms, edges, n_local);
@@ -300,7 +355,7 @@ void PairEquiforce::compute_images(std::vector<int> &atoms, std::vector<int64_t>
           auto it = local_of_tag.find(tag[j]);
           if (it == local_of_tag.end())
             error->one(FLERR, "pair equiforce: ghost atom with ID {} has no local owner on this single rank; "
-                              "use 'pair_style equiforce ghost_shell yes'", tag[j]);
+                              "use 'pair_style equiforce path gather'", tag[j]);
           own = it->second;
         }
         o = own;
@@ -403,30 +458,160 @@ void PairEquiforce::compute_ghost_shell(std::vector<int> &atoms, std::vector<int
 }
 
 /* ----------------------------------------------------------------------
-   run the model on `atoms` and tally energy, forces, per-atom energy and virial
+   gather path: all ranks exchange their local atoms and their edges (images-path form: the
+   neighbour is the owner's global index plus the image shift) and evaluate the whole system
 ------------------------------------------------------------------------- */
 
-void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges,
-                             std::vector<double> &shifts, int n_local) {
+void PairEquiforce::compute_gathered() {
   double **x = atom->x;
   double **f = atom->f;
   int *type = atom->type;
-  const int n = static_cast<int>(atoms.size());
-  const int64_t ne = static_cast<int64_t>(edges.size() / 2);
+  tagint *tag = atom->tag;
+  const int nlocal = atom->nlocal;
+  const int nprocs = comm->nprocs;
+  const double cutsq_model = r_max_ * r_max_;
 
-  auto pos = torch::empty({n, 3}, torch::kFloat64);
-  auto species = torch::empty({n}, torch::kInt64);
+  // this rank's atoms of this style, in LAMMPS order
+  std::vector<int> atoms;
+  std::vector<int> compact(nlocal, -1);
+  for (int i = 0; i < nlocal; i++)
+    if (map[type[i]] >= 0) {
+      compact[i] = static_cast<int>(atoms.size());
+      atoms.push_back(i);
+    }
+  const int n_mine = static_cast<int>(atoms.size());
+
+  // atom counts and offsets (rank order); a rank owning no atoms still takes part
+  std::vector<int> counts(nprocs), displs(nprocs + 1, 0);
+  MPI_Allgather(&n_mine, 1, MPI_INT, counts.data(), 1, MPI_INT, world);
+  for (int r = 0; r < nprocs; r++) {
+    if (static_cast<int64_t>(displs[r]) + counts[r] > INT32_MAX / 3)
+      error->all(FLERR, "pair equiforce: too many atoms for the gather path; use 'path ghost_shell' (short-range "
+                        "models only)");
+    displs[r + 1] = displs[r] + counts[r];
+  }
+  const int n_all = displs[nprocs];
+  if (n_all == 0) return;
+  const int offset = displs[comm->me];
+
+  std::vector<tagint> my_tag(n_mine);
+  std::vector<int> my_species(n_mine);
+  std::vector<double> my_x(3 * static_cast<size_t>(n_mine));
+  for (int k = 0; k < n_mine; k++) {
+    const int i = atoms[k];
+    my_tag[k] = tag[i];
+    my_species[k] = map[type[i]];
+    for (int d = 0; d < 3; d++) my_x[3 * k + d] = x[i][d];
+  }
+  std::vector<tagint> all_tag(n_all);
+  std::vector<int> all_species(n_all);
+  auto pos = torch::empty({n_all, 3}, torch::kFloat64);
+  double *all_x = pos.data_ptr<double>();
+  MPI_Allgatherv(my_tag.data(), n_mine, MPI_LMP_TAGINT, all_tag.data(), counts.data(), displs.data(),
+                 MPI_LMP_TAGINT, world);
+  MPI_Allgatherv(my_species.data(), n_mine, MPI_INT, all_species.data(), counts.data(), displs.data(), MPI_INT,
+                 world);
   {
-    double *p = pos.data_ptr<double>();
-    int64_t *s = species.data_ptr<int64_t>();
-    for (int k = 0; k < n; k++) {
-      const int i = atoms[k];
-      p[3 * k] = x[i][0];
-      p[3 * k + 1] = x[i][1];
-      p[3 * k + 2] = x[i][2];
-      s[k] = map[type[i]];
+    std::vector<int> c3(nprocs), d3(nprocs);
+    for (int r = 0; r < nprocs; r++) {
+      c3[r] = 3 * counts[r];
+      d3[r] = 3 * displs[r];
+    }
+    MPI_Allgatherv(my_x.data(), 3 * n_mine, MPI_DOUBLE, all_x, c3.data(), d3.data(), MPI_DOUBLE, world);
+  }
+  std::unordered_map<tagint, int> index_of_tag;
+  index_of_tag.reserve(static_cast<size_t>(n_all) * 2);
+  for (int k = 0; k < n_all; k++) index_of_tag.emplace(all_tag[k], k);
+
+  // this rank's edges: (global index of i, global index of the owner of j) + shift x_j - x_owner
+  std::vector<int64_t> my_edges;
+  std::vector<double> my_shifts;
+  const int inum = list->inum;
+  int *ilist = list->ilist;
+  int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  my_edges.reserve(static_cast<size_t>(inum) * 64);
+  my_shifts.reserve(static_cast<size_t>(inum) * 96);
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    if (i >= nlocal || map[type[i]] < 0) continue;
+    const int gi = offset + compact[i];
+    const int *jlist = firstneigh[i];
+    for (int jj = 0; jj < numneigh[i]; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (map[type[j]] < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      auto it = index_of_tag.find(tag[j]);
+      if (it == index_of_tag.end())
+        error->one(FLERR, "pair equiforce: neighbour atom with ID {} is owned by no rank (duplicate or missing "
+                          "atom IDs?)", tag[j]);
+      const int gj = it->second;
+      my_edges.push_back(gi);
+      my_edges.push_back(gj);
+      for (int d = 0; d < 3; d++) my_shifts.push_back(x[j][d] - all_x[3 * gj + d]);
     }
   }
+  const int64_t my_ne = static_cast<int64_t>(my_edges.size() / 2);
+  std::vector<int64_t> ne_counts(nprocs);
+  MPI_Allgather(&my_ne, 1, MPI_INT64_T, ne_counts.data(), 1, MPI_INT64_T, world);
+  int64_t ne_all = 0;
+  for (auto c : ne_counts) ne_all += c;
+  if (3 * ne_all > INT32_MAX)
+    error->all(FLERR, "pair equiforce: too many edges ({}) for the gather path; use 'path ghost_shell' "
+                      "(short-range models only)", ne_all);
+  std::vector<int> c2(nprocs), d2(nprocs), c3(nprocs), d3(nprocs);
+  for (int r = 0, acc = 0; r < nprocs; r++) {
+    c2[r] = static_cast<int>(2 * ne_counts[r]);
+    c3[r] = static_cast<int>(3 * ne_counts[r]);
+    d2[r] = 2 * acc;
+    d3[r] = 3 * acc;
+    acc += static_cast<int>(ne_counts[r]);
+  }
+  std::vector<int64_t> edges(2 * ne_all);
+  std::vector<double> shifts(3 * ne_all);
+  MPI_Allgatherv(my_edges.data(), c2[comm->me], MPI_INT64_T, edges.data(), c2.data(), d2.data(), MPI_INT64_T,
+                 world);
+  MPI_Allgatherv(my_shifts.data(), c3[comm->me], MPI_DOUBLE, shifts.data(), c3.data(), d3.data(), MPI_DOUBLE,
+                 world);
+
+  auto species = torch::empty({n_all}, torch::kInt64);
+  int64_t *sp = species.data_ptr<int64_t>();
+  for (int k = 0; k < n_all; k++) sp[k] = all_species[k];
+  std::vector<int64_t> tags64(all_tag.begin(), all_tag.end());
+  equiforce::Result res = run_model(pos, species, edges, shifts, n_all, tags64);
+
+  // each rank keeps its own atoms; rank 0 tallies the global energy and virial
+  const double *fr = res.forces.data_ptr<double>();
+  for (int k = 0; k < n_mine; k++) {
+    const int i = atoms[k];
+    for (int d = 0; d < 3; d++) f[i][d] += fr[3 * (offset + k) + d];
+  }
+  if (eflag_atom) {
+    const double *ea = res.atom_energy.data_ptr<double>();
+    for (int k = 0; k < n_mine; k++) eatom[atoms[k]] += ea[offset + k];
+  }
+  if (comm->me != 0) return;
+  if (eflag_global) eng_vdwl += res.energy;
+  if (vflag_global) {
+    const double *w = res.virial.data_ptr<double>();
+    virial[0] += w[0];
+    virial[1] += w[4];
+    virial[2] += w[8];
+    virial[3] += w[1];
+    virial[4] += w[2];
+    virial[5] += w[5];
+  }
+}
+
+/* ----------------------------------------------------------------------
+   run the model (positions, species and edges already in its numbering); the box from domain
+------------------------------------------------------------------------- */
+
+equiforce::Result PairEquiforce::run_model(const torch::Tensor &pos, const torch::Tensor &species,
+                                           std::vector<int64_t> &edges, std::vector<double> &shifts, int n_local,
+                                           const std::vector<int64_t> &tags) {
+  const int64_t ne = static_cast<int64_t>(edges.size() / 2);
   // [E, 2] pairs -> [2, E]
   auto edge_index = torch::from_blob(edges.data(), {ne, 2}, torch::kInt64).t().contiguous();
   torch::Tensor edge_shift;  // undefined = zeros (ghost-shell path)
@@ -444,7 +629,7 @@ void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t>
     c[2][2] = domain->zprd;
   }
 
-  if (!dump_path_.empty()) dump_edges(atoms, edges, shifts, n_local);
+  if (!dump_path_.empty()) dump_edges(pos, tags, edges, shifts, n_local);
 
   equiforce::Result res;
   try {
@@ -452,6 +637,38 @@ void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t>
   } catch (const std::exception &e) {
     error->one(FLERR, std::string("pair equiforce: ") + e.what());
   }
+  return res;
+}
+
+/* ----------------------------------------------------------------------
+   images and ghost-shell paths: run the model on `atoms` (LAMMPS indices, the first n_local
+   local) and tally energy, forces, per-atom energy and virial
+------------------------------------------------------------------------- */
+
+void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges,
+                             std::vector<double> &shifts, int n_local) {
+  double **x = atom->x;
+  double **f = atom->f;
+  int *type = atom->type;
+  tagint *tag = atom->tag;
+  const int n = static_cast<int>(atoms.size());
+
+  auto pos = torch::empty({n, 3}, torch::kFloat64);
+  auto species = torch::empty({n}, torch::kInt64);
+  std::vector<int64_t> tags(n);
+  {
+    double *p = pos.data_ptr<double>();
+    int64_t *s = species.data_ptr<int64_t>();
+    for (int k = 0; k < n; k++) {
+      const int i = atoms[k];
+      p[3 * k] = x[i][0];
+      p[3 * k + 1] = x[i][1];
+      p[3 * k + 2] = x[i][2];
+      s[k] = map[type[i]];
+      tags[k] = tag[i];
+    }
+  }
+  equiforce::Result res = run_model(pos, species, edges, shifts, n_local, tags);
 
   const double *fr = res.forces.data_ptr<double>();
   for (int k = 0; k < n; k++) {
@@ -485,29 +702,27 @@ void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t>
    EQUIFORCE_DUMP_EDGES=path: write the edge list given to the model (one file per rank when
    running on several ranks: path.RANK), overwritten at every force evaluation.
    Columns: tag_i tag_j i_is_local j_is_local rx ry rz (r = x_j - x_i + shift, Angstrom; on the
-   serial-images path j is the local owner of the periodic image)
+   serial-images and gather paths j is the owner of the periodic image, and on the gather path
+   "local" means counted in the energy, i.e. every atom)
 ------------------------------------------------------------------------- */
 
-void PairEquiforce::dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges,
-                               const std::vector<double> &shifts, int n_local) {
+void PairEquiforce::dump_edges(const torch::Tensor &pos, const std::vector<int64_t> &tags,
+                               const std::vector<int64_t> &edges, const std::vector<double> &shifts, int n_local) {
   std::string path = dump_path_;
   if (comm->nprocs > 1) path += "." + std::to_string(comm->me);
   std::ofstream out(path);
   if (!out) error->one(FLERR, "EQUIFORCE_DUMP_EDGES: cannot write '{}'", path);
-  double **x = atom->x;
-  tagint *tag = atom->tag;
-  out << "# equiforce edges step " << update->ntimestep << " rank " << comm->me << " atoms " << atoms.size()
-      << " local " << n_local << " edges " << edges.size() / 2 << " path "
-      << (use_images_ ? "serial-images" : "ghost-shell") << "\n";
+  const double *p = pos.data_ptr<double>();
+  static const char *names[] = {"auto", "serial-images", "gather", "ghost-shell"};
+  out << "# equiforce edges step " << update->ntimestep << " rank " << comm->me << " atoms " << tags.size()
+      << " local " << n_local << " edges " << edges.size() / 2 << " path " << names[path_] << "\n";
   out << "# tag_i tag_j i_is_local j_is_local rx ry rz\n";
   out.precision(17);
   for (size_t e = 0; e < edges.size() / 2; e++) {
-    const int ci = static_cast<int>(edges[2 * e]), cj = static_cast<int>(edges[2 * e + 1]);
-    const int i = atoms[ci], j = atoms[cj];
-    double r[3] = {x[j][0] - x[i][0], x[j][1] - x[i][1], x[j][2] - x[i][2]};
-    if (!shifts.empty())
-      for (int d = 0; d < 3; d++) r[d] += shifts[3 * e + d];
-    out << tag[i] << " " << tag[j] << " " << (ci < n_local) << " " << (cj < n_local) << " " << r[0] << " "
+    const int64_t ci = edges[2 * e], cj = edges[2 * e + 1];
+    double r[3];
+    for (int d = 0; d < 3; d++) r[d] = p[3 * cj + d] - p[3 * ci + d] + (shifts.empty() ? 0.0 : shifts[3 * e + d]);
+    out << tags[ci] << " " << tags[cj] << " " << (ci < n_local) << " " << (cj < n_local) << " " << r[0] << " "
         << r[1] << " " << r[2] << "\n";
   }
 }

@@ -1,15 +1,18 @@
 // pair_style equiforce: runs an exported equiforce model (see cpp/equiforce_model.h) in LAMMPS.
 //
-//   pair_style equiforce [device cpu|cuda|cuda:N|auto] [ghost_shell auto|yes]
+//   pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|gather|ghost_shell]
 //   pair_coeff * * model.pt El1 El2 ...     (one element per atom type, NULL = not this style)
 //
-// Two exact evaluation paths:
+// Three exact evaluation paths (`path auto`: images on one rank; on several ranks gather for a
+// long-range model, and for a short-range one whichever evaluates fewer atoms per rank: ghost
+// shell when a sub-domain widened by receptive field + skin is smaller than the box, else gather;
+// `ghost_shell yes` is kept as `path ghost_shell`):
 //  * serial images (one MPI rank, the default there): every ghost atom is a periodic image of a
 //    local atom. The model sees only the local atoms; a neighbour-list edge (i, j) with j a ghost
 //    becomes (i, owner(j)) with the Cartesian shift x[j] - x[owner(j)], owner = the local atom with
 //    the same tag. The ghost cutoff stays r_max + skin, forces come back summed over images, the
 //    virial comes from the model. Cost: the model on N atoms, as in Python.
-//  * ghost shell (several ranks, or `ghost_shell yes`): multi-layer message passing is made exact
+//  * ghost shell (several ranks, or `path ghost_shell`): multi-layer message passing is made exact
 //    by widening the ghost shell to the model's receptive field (num_layers * r_max, plus the
 //    neighbour skin) and building neighbour lists for ghost atoms too: every rank evaluates the
 //    model on its local atoms plus all ghosts that can influence them, sums the energy of its local
@@ -18,14 +21,12 @@
 #pragma once
 
 #include <memory>
+#include <cstdint>
 #include <string>
 #include <vector>
 
+#include "equiforce_model.h"  // equiforce::Model, equiforce::Result (libtorch)
 #include "pair.h"
-
-namespace equiforce {
-class Model;
-}
 
 namespace LAMMPS_NS {
 
@@ -45,9 +46,13 @@ class PairEquiforce : public Pair {
   void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                       int &n_local);
   void compute_ghost_shell(std::vector<int> &atoms, std::vector<int64_t> &edges, int &n_local);
+  void compute_gathered();
   void evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                 int n_local);
-  void dump_edges(const std::vector<int> &atoms, const std::vector<int64_t> &edges,
+  // the model on pos [N,3] / species [N] / edges (pairs) / shifts ([E*3] or empty); the box from domain
+  equiforce::Result run_model(const torch::Tensor &pos, const torch::Tensor &species, std::vector<int64_t> &edges,
+                              std::vector<double> &shifts, int n_local, const std::vector<int64_t> &tags);
+  void dump_edges(const torch::Tensor &pos, const std::vector<int64_t> &tags, const std::vector<int64_t> &edges,
                   const std::vector<double> &shifts, int n_local);
 
   std::unique_ptr<equiforce::Model> model_;
@@ -57,10 +62,12 @@ class PairEquiforce : public Pair {
   double receptive_field_ = 0.0;
   int num_layers_ = 0;
   int local_rank_ = 0, local_size_ = 1;
-  bool force_ghost_shell_ = false;  // `ghost_shell yes`: ghost-shell path even on one rank
+  enum Path { AUTO, IMAGES, GATHER, GHOST_SHELL };
+  Path path_request_ = AUTO;        // `path ...` keyword
+  Path path_ = AUTO;                // the path of this run (set in init_style)
   bool long_range_ = false;         // the model sums electrostatics over every atom it is given
-  bool use_images_ = false;         // this run uses the serial-images path (set in init_style)
-  int logged_path_ = -1;            // path last reported in the log (0 ghost shell, 1 images)
+  int logged_path_ = -1;            // path last reported in the log
+  std::string auto_reason_;         // why `path auto` chose gather or ghost shell (for the log)
   std::string dump_path_;  // EQUIFORCE_DUMP_EDGES
 };
 

@@ -6,7 +6,9 @@ neighbour list (independent of the pair style's ghost-atom construction).
 Tolerances: |dE|/atom < 1e-10 eV, max|dF| < 1e-9 eV/Å, virial pressure 1e-8 relative.
 The analytic model has 3 message-passing layers, so its receptive field (12 Å) is 3x r_max.
 One rank uses the serial-images path (local atoms + periodic shifts), several ranks (or
-`ghost_shell yes`) the ghost-shell path; both are checked against the same references.
+`path ghost_shell`) the ghost-shell path, and `path gather` (the multi-rank path of long-range
+models, tested with those in test_longrange.py) every rank evaluating the gathered system; all
+are checked against the same references.
 
 Also: NVE energy conservation with a learned float64 EquiforceModel (5000 steps of 1 fs), and
 `fix npt` with the pressure LAMMPS reports checked against the Python stress of the final frame.
@@ -169,7 +171,24 @@ def test_lmp_ghost_shell_path_on_one_rank_matches_python(cases, model_path, tmp_
     text = deck(data, model_path, ELEMENTS, s.pbc, pair_style="pair_style equiforce device cpu ghost_shell yes")
     proc = run_lmp(text, str(tmp_path))
     _check_run(proc, s, ref, str(tmp_path / "dump.out"))
-    assert "ghost-shell path (1 MPI rank(s), ghost_shell yes): communication cutoff set to 14 A" in proc.stdout
+    assert "ghost-shell path (1 MPI rank(s), path ghost_shell): communication cutoff set to 14 A" in proc.stdout
+
+
+@pytest.mark.parametrize("name,nprocs,grid", [
+    ("bulk", 1, ""), ("bulk", 4, "1 2 2"), ("triclinic", 2, "2 1 1"), ("small_cell", 2, "1 1 2"),
+    ("molecule", 4, "4 1 1"),
+])
+def test_gather_path_matches_python(cases, model_path, tmp_path, name, nprocs, grid):
+    """`path gather`: every rank gathers all atoms and edges and evaluates the whole system,
+    keeping its own atoms' forces (the multi-rank path of long-range models)."""
+    s, data, ref = cases[name]
+    text = deck(data, model_path, ELEMENTS, s.pbc, processors=grid, pair_style="pair_style equiforce path gather")
+    proc = run_lmp(text, str(tmp_path), nprocs=nprocs)
+    fr = _check_run(proc, s, ref, str(tmp_path / "dump.out"))
+    assert f"gather path ({nprocs} MPI rank(s), path gather)" in proc.stdout
+    assert "communication cutoff set" not in proc.stdout
+    if name != "molecule":
+        assert set(fr["c_prop"].astype(int)) == set(range(nprocs))
 
 
 # ---- MPI -----------------------------------------------------------------------------------------
@@ -180,10 +199,12 @@ def test_lmp_ghost_shell_path_on_one_rank_matches_python(cases, model_path, tmp_
 ])
 def test_mpi_static_matches_python(cases, model_path, tmp_path, name, nprocs, grid):
     s, data, ref = cases[name]
-    proc = run_lmp(deck(data, model_path, ELEMENTS, s.pbc, processors=grid), str(tmp_path), nprocs=nprocs)
+    text = deck(data, model_path, ELEMENTS, s.pbc, processors=grid,
+                pair_style="pair_style equiforce device cpu path ghost_shell")
+    proc = run_lmp(text, str(tmp_path), nprocs=nprocs)
     fr = _check_run(proc, s, ref, str(tmp_path / "dump.out"))
     # 3 layers x 4 Å + skin 2 Å
-    assert f"ghost-shell path ({nprocs} MPI rank(s)): communication cutoff set to 14 A" in proc.stdout
+    assert f"ghost-shell path ({nprocs} MPI rank(s), path ghost_shell): communication cutoff set to 14 A" in proc.stdout
     owners = set(fr["c_prop"].astype(int))
     if name == "molecule":
         assert len(owners) < nprocs  # really a rank without atoms
@@ -192,14 +213,17 @@ def test_mpi_static_matches_python(cases, model_path, tmp_path, name, nprocs, gr
 
 
 def test_mpi_md_with_migration_equals_serial(cases, model_path, tmp_path):
-    """200 NVE steps at 1500 K: 1, 2 (2x1x1) and 4 (1x2x2) ranks stay together, atoms change
-    owner, and the final frame still matches the Python module."""
+    """200 NVE steps at 1500 K: 1, 2 (2x1x1) and 4 (1x2x2) ranks (ghost shell) and 3 ranks on the
+    gather path stay together, atoms change owner, and the final frame still matches the Python
+    module."""
     s, data, _ = cases["bulk"]
     frames = {}
-    for nprocs, grid in ((1, ""), (2, "2 1 1"), (4, "1 2 2")):
+    for nprocs, grid, path in ((1, "", "auto"), (2, "2 1 1", "ghost_shell"), (4, "1 2 2", "ghost_shell"),
+                               (3, "3 1 1", "gather")):
         wd = tmp_path / f"np{nprocs}"
         wd.mkdir()
-        proc = run_lmp(deck(data, model_path, ELEMENTS, True, processors=grid, md_steps=200), str(wd), nprocs=nprocs)
+        proc = run_lmp(deck(data, model_path, ELEMENTS, True, processors=grid, md_steps=200,
+                            pair_style=f"pair_style equiforce path {path}"), str(wd), nprocs=nprocs)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         first, last = read_dump(str(wd / "dump.out"))
         assert last["step"] == 200
@@ -208,7 +232,7 @@ def test_mpi_md_with_migration_equals_serial(cases, model_path, tmp_path):
             moved = np.count_nonzero(first["c_prop"] != last["c_prop"])
             assert moved > 0, "no atom migrated between ranks"
     _, last1, (e1, p1) = frames[1]
-    for nprocs in (2, 4):
+    for nprocs in (2, 4, 3):
         _, last, (e, p) = frames[nprocs]
         assert abs(e - e1) / 64 < E_TOL
         for c in ("x", "y", "z"):
@@ -224,6 +248,71 @@ def test_mpi_md_with_migration_equals_serial(cases, model_path, tmp_path):
     ref = python_reference(model_path, end)
     assert_matches(end, ref, e1, p1, last1["id"].astype(int), np.stack([last1["fx"], last1["fy"], last1["fz"]], 1),
                    last1["c_pea"])
+
+
+@pytest.mark.parametrize("length,expected", [(16.0, "gather"), (110.0, "ghost-shell")])
+def test_auto_path_takes_fewer_atoms_per_rank(model_path, tmp_path, length, expected):
+    """`path auto` on 4 ranks (4x1x1) with a short-range model: a sub-domain widened by receptive
+    field + skin (14 Å on every side) is larger than a 16 Å box (gather) and smaller than a 110 Å
+    box (ghost shell); both give the Python numbers."""
+    rng = np.random.default_rng(3)
+    cell = lammps_cell(length, length, length)
+    pos = _random_positions(cell, 24, 2.0, rng)
+    s = Structure(pos, [ELEMENTS[k % 2] for k in range(24)], cell, True)
+    data = str(tmp_path / "gas.data")
+    write_data(data, s, ELEMENTS)
+    proc = run_lmp(deck(data, model_path, ELEMENTS, True, processors="4 1 1"), str(tmp_path), nprocs=4)
+    _check_run(proc, s, python_reference(model_path, s), str(tmp_path / "dump.out"))
+    ratio = (length / 4 + 28.0) * (length + 28.0) ** 2 / length ** 3
+    assert f"{expected} path (4 MPI rank(s), path auto: a widened sub-domain is {ratio:.3g}x the box volume)" \
+        in proc.stdout
+
+
+# ---- NULL types under pair_style hybrid -----------------------------------------------------------
+
+@pytest.mark.parametrize("nprocs,path", [(1, "auto"), (2, "auto"), (2, "gather")])
+def test_null_type_under_hybrid(cases, model_path, tmp_path, nprocs, path):
+    """Type 2 (C) is NULL for equiforce and handled by lj/cut under `pair_style hybrid`: the run
+    equals the model on the Si atoms alone (Python) plus LAMMPS' own lj/cut for the Si-C and C-C
+    pairs (a separate LAMMPS run with the Si-Si interaction switched off)."""
+    s, data, _ = cases["bulk"]
+    lj = "pair_coeff 1 2 lj/cut 0.02 2.2\npair_coeff 2 2 lj/cut 0.03 2.4"
+    grid = "2 1 1" if nprocs == 2 else ""
+    hybrid = deck(data, f"equiforce {model_path}", ["Si", "NULL"], True, processors=grid,
+                  pair_style=f"pair_style hybrid equiforce device cpu path {path} lj/cut 6.0", extra=lj)
+    wd = tmp_path / "hybrid"
+    wd.mkdir()
+    proc = run_lmp(hybrid, str(wd), nprocs=nprocs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "   2 -> NULL -> (not equiforce)" in proc.stdout
+    e_h, p_h = parse_result(proc.stdout)
+    fr_h = read_dump(str(wd / "dump.out"))[0]
+
+    # LAMMPS' own lj/cut alone (Si-Si off): `pair_coeff * * 0.0 1.0` then the two LJ pairs
+    only_lj = deck(data, "0.0", ["1.0"], True, pair_style="pair_style lj/cut 6.0",
+                   extra=lj.replace(" lj/cut", ""))
+    wd = tmp_path / "lj"
+    wd.mkdir()
+    proc = run_lmp(only_lj, str(wd))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    e_lj, p_lj = parse_result(proc.stdout)
+    fr_lj = read_dump(str(wd / "dump.out"))[0]
+    assert abs(e_lj) > 1e-3  # the LJ part is really there
+
+    si = np.array([x == "Si" for x in s.symbols])
+    sub = Structure(s.positions[si], [x for x in s.symbols if x == "Si"], s.cell, True, tags=s.tags[si])
+    ref = python_reference(model_path, sub)
+    assert abs(e_h - (e_lj + ref["energy"])) / len(s.symbols) < E_TOL
+    assert np.abs(p_h - (p_lj + ref["pressure6"])).max() / np.abs(p_h).max() < P_RTOL
+    forces = {c: fr_lj[c].copy() for c in ("fx", "fy", "fz", "c_pea")}
+    row = {int(t): k for k, t in enumerate(fr_lj["id"].astype(int))}  # dumps are sorted by id
+    for k, t in enumerate(sub.tags):
+        for d, c in enumerate(("fx", "fy", "fz")):
+            forces[c][row[int(t)]] += ref["forces"][k, d]
+        forces["c_pea"][row[int(t)]] += ref["atom_energy"][k]
+    for c in ("fx", "fy", "fz"):
+        assert np.abs(fr_h[c] - forces[c]).max() < F_TOL
+    assert np.abs(fr_h["c_pea"] - forces["c_pea"]).max() < E_TOL
 
 
 # ---- the edge dump -------------------------------------------------------------------------------
@@ -308,7 +397,8 @@ run 0
 
 
 @pytest.mark.parametrize("case", ["unknown_element", "wrong_count", "missing", "corrupt", "future",
-                                  "newton_off", "units_real", "cuda", "ghost_shell_value"])
+                                  "newton_off", "units_real", "cuda", "ghost_shell_value", "path_value",
+                                  "images_on_two_ranks"])
 def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_path, case):
     data = cases["molecule"][1]
     good = f"{model_path} Si C"
@@ -323,9 +413,13 @@ def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_pa
         "cuda": (_error_deck(data, good, style="pair_style equiforce device cuda:64"), r"no CUDA GPU|does not exist"),
         "ghost_shell_value": (_error_deck(data, good, style="pair_style equiforce ghost_shell no"),
                               r"'ghost_shell' needs a value: auto .* or yes"),
+        "path_value": (_error_deck(data, good, style="pair_style equiforce path serial"),
+                       r"'path' needs a value: auto .*images, gather or ghost_shell"),
+        "images_on_two_ranks": (_error_deck(data, good, style="pair_style equiforce path images"),
+                                r"'path images' works on one MPI rank only \(2 ranks here\)"),
     }
     text, pattern = decks[case]
-    proc = run_lmp(text, str(tmp_path))
+    proc = run_lmp(text, str(tmp_path), nprocs=2 if case == "images_on_two_ranks" else 1)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-2000:]
     import re
