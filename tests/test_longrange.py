@@ -383,6 +383,65 @@ def test_export_matches_eager(tmp_path, periodic):
     assert rel_err(v_f.detach().numpy(), virial.numpy()) < 1e-12
 
 
+@pytest.mark.parametrize("periodic", [True, False])
+def test_export_with_total_charge(tmp_path, periodic):
+    """A file exported with total_charge = +1 e equals the eager model with Q = +1 (charged cell:
+    neutralising background; molecule: plain Coulomb), and says so in its metadata; callers that
+    know a structure's charge refuse a mismatch instead of returning the neutral answer."""
+    import ase
+
+    from equiforce.ase_calculator import EquiforceCalculator
+
+    rng = np.random.default_rng(21)
+    pos, species, cell = model_system(rng)
+    if not periodic:
+        cell = np.zeros((3, 3))
+    model = make_model()
+    args = exported_args(pos, species, cell)
+    path = str(tmp_path / "q1.pt")
+    meta = export_model(model.for_export(), path, dtype=torch.float64, symmetry="O3", check_structure=args[:5],
+                        total_charge=1.0)
+    assert meta["long_range"]["total_charge"] == 1.0
+    module, _ = load_exported(path)
+    e, per_atom, f, virial = module(*args)
+    ref = outputs(model, pos, species, cell, total_charge=1.0)
+    neutral = outputs(model, pos, species, cell, total_charge=0.0)
+    assert abs(float(ref["charges"].sum()) - 1.0) < 1e-12
+    assert abs(float(ref["energy"][0]) - float(neutral["energy"][0])) > 1e-3  # the charge matters
+    assert abs(float(e) - float(ref["energy"][0])) < 1e-12 * abs(float(e))
+    assert rel_err(f.numpy(), ref["forces"].detach().numpy()) < 1e-12
+    assert rel_err(virial.numpy(), ref["virial"][0].detach().numpy()) < 1e-12
+
+    atoms = ase.Atoms([SPECIES[k] for k in species], positions=pos, cell=cell if periodic else None, pbc=periodic)
+    atoms.calc = EquiforceCalculator(path)
+    atoms.info["charge"] = 1.0
+    assert abs(atoms.get_potential_energy() - float(e)) < 1e-10 * abs(float(e))
+    atoms.info["charge"] = 0.0
+    atoms.calc.reset()
+    with pytest.raises(ValueError, match=r"total charge 0.0 e .* exported for total charge 1 e"):
+        atoms.get_potential_energy()
+
+    # `equiforce eval` on structures of another charge: a clear error naming the fix
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from equiforce.config import DataError
+    from equiforce.evaluate import evaluate_exported
+
+    frame = atoms.copy()
+    frame.info["charge"] = 0.0
+    frame.calc = SinglePointCalculator(frame, energy=0.0, forces=np.zeros((len(frame), 3)))
+    ase.io.write(str(tmp_path / "q0.extxyz"), frame, format="extxyz")
+    with pytest.raises(DataError, match=r"total charge 0 e .* exported for total charge 1 e.*--total-charge 0"):
+        evaluate_exported(path, str(tmp_path / "q0.extxyz"))
+
+    with pytest.raises(ValueError, match="only a long-range model"):
+        export_model(EquiforceModel(ModelConfig(r_max=R_MAX, channels=4, lmax=1, num_layers=1), SPECIES),
+                     str(tmp_path / "sr.pt"), total_charge=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        export_model(model.for_export(), str(tmp_path / "nan.pt"), total_charge=float("nan"))
+
+
 def test_training_run_and_cli_export(tmp_path):
     """Trainer (molecules and periodic cells in one data set, stress, rotation augmentation) and
     `equiforce export` with long_range = ewald; the exported file equals the trained model."""

@@ -80,6 +80,12 @@ class EquiforceCalculator(Calculator):
             raise ValueError(f"EquiforceCalculator: '{self.model_path}' has long-range electrostatics, which need "
                              f"pbc=True in all directions or none; these Atoms have pbc={pbc.tolist()}")
         model_cell = cell if pbc.all() else torch.zeros_like(cell)
+        if "long_range" in self.metadata and atoms.info.get("charge") is not None:
+            q_file = float(self.metadata["long_range"].get("total_charge", 0.0))
+            if abs(float(atoms.info["charge"]) - q_file) > 1e-9:
+                raise ValueError(f"EquiforceCalculator: these Atoms have total charge {atoms.info['charge']} e "
+                                 f"(atoms.info['charge']) but '{self.model_path}' was exported for total charge "
+                                 f"{q_file:g} e; export it with `equiforce export --total-charge ...`")
         try:
             edge_index, edge_shift, _ = neighbor_list(pos, self.r_max, cell, torch.tensor(pbc, device=self.device))
         except ValueError as exc:

@@ -115,6 +115,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], help="dtype of the exported model (training dtype)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="which checkpoint of the run to export (best)")
+    p.add_argument("--total-charge", type=float, default=0.0,
+                   help="long-range models: total charge (e) the learned charges add up to in the exported "
+                        "file (default 0, a neutral system)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -141,8 +144,15 @@ def _run_export(args: argparse.Namespace) -> int:
                           "val_metrics": val, "data": os.path.basename(config.data),
                           "trained_dtype": config.dtype},
              "model_config": config.model.to_dict()}
+    from .config import UserError
+
+    if args.total_charge != 0.0 and config.model.long_range == "none":
+        raise UserError(f"--total-charge {args.total_charge:g}: the model of '{path}' has no long-range "
+                        "electrostatics (model.long_range = 'none'), so a total charge would not change it; "
+                        "drop --total-charge")
     meta = export_model(model.for_export(), args.output, dtype, symmetry=config.model.symmetry,
-                        model_type="equiforce", extra_metadata=extra, check_structure=check)
+                        model_type="equiforce", extra_metadata=extra, check_structure=check,
+                        total_charge=args.total_charge)
     print(f"exported {path} (epoch {state['epoch']}, EMA weights) to {args.output}: species {meta['species']}, "
           f"r_max {meta['r_max']} Å, {meta['num_layers']} layers, {meta['dtype']}, symmetry {meta['symmetry']}")
     return 0

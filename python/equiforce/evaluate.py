@@ -47,6 +47,13 @@ def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy
         if "long_range" in meta and bool(g["pbc"].any()) and not bool(g["pbc"].all()):
             raise DataError(f"{where} is partly periodic (pbc={g['pbc'].tolist()}); the long-range model in "
                             f"'{model_path}' covers 3D-periodic structures and molecules only")
+        if "long_range" in meta:
+            q_file = float(meta["long_range"].get("total_charge", 0.0))
+            q = extract_total_charge(atoms, k, data_path, charge_key)
+            if abs(q - q_file) > 1e-9:
+                raise DataError(f"{where} has total charge {q:g} e ('{charge_key}') but '{model_path}' was exported "
+                                f"for total charge {q_file:g} e; export it again with `equiforce export "
+                                f"--total-charge {q:g}` for these structures")
         cell = g["cell"] if bool(g["pbc"].all()) else torch.zeros_like(g["cell"])
         with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
             e, _, f, virial = module(g["pos"].to(dtype), g["species"], g["edge_index"], g["edge_shift"].to(dtype),

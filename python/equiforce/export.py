@@ -42,7 +42,8 @@ Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.longrange`) a
 ALL atoms of the system, once each (``n_local == N``, no ghost atoms; a RuntimeError says so
 otherwise), and the ``cell`` (lattice rows, Å: Ewald summation; all zeros: open-boundary Coulomb).
 ``edge_index``/``edge_shift`` are still the short-range pairs within ``r_max``; the Ewald
-real-space pairs are found inside the module. The total charge is 0 (neutral system).
+real-space pairs are found inside the module. The total charge (e) is fixed at export
+(``total_charge``, default 0: a neutral system) and recorded in ``metadata["long_range"]``.
 ``metadata["long_range"]`` holds the settings. OpenMM passes every position and the box, so it
 runs such files unchanged; LAMMPS only through its serial path (one MPI rank, images by shifts).
 
@@ -89,12 +90,13 @@ class ExportedHeadsPotential(nn.Module):
     the same ``forward`` signature (direct-force models return the head's forces), plus
     :meth:`dipole`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, total_charge: float = 0.0):
         super().__init__()
         self.energy_model = model
         self.direct_forces = bool(getattr(model, "direct_forces", False))
         self.has_dipole = bool(getattr(model, "has_dipole", False))
         self.has_long_range = bool(getattr(model, "has_long_range", False))
+        self.total_charge = float(total_charge)  # e, the charge the long-range model's charges add up to
 
     def forward(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
                 cell: Tensor, n_local: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -120,15 +122,16 @@ class ExportedHeadsPotential(nn.Module):
         if n_local != n:
             raise RuntimeError("equiforce: this model has long-range electrostatics, which need every atom of the "
                                "system exactly once (n_local == number of atoms, no ghost atoms); got n_local = "
-                               + str(n_local) + " of " + str(n) + " atoms. In LAMMPS run it on one MPI rank "
-                               "(serial path); in Python/OpenMM pass all atoms and the cell")
+                               + str(n_local) + " of " + str(n) + " atoms. In LAMMPS use 'path auto' or "
+                               "'path gather'; in Python/OpenMM pass all atoms and the cell")
         # three independent leaves; clone() keeps them apart even when torch.jit.freeze (which
         # openmm-torch applies) drops the detach() calls
         edge_vec = edge_vectors(pos, edge_index, edge_shift).detach().requires_grad_(True)
         pos_leaf = pos.detach().clone().requires_grad_(True)
         cell_leaf = cell.detach().clone().requires_grad_(True)
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
-        out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos_leaf, None,
+        q_total = torch.full((1,), self.total_charge, dtype=pos.dtype, device=pos.device)
+        out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos_leaf, q_total,
                                         cell_leaf.unsqueeze(0))
         atom_energy = out["per_atom_energy"]
         energy = atom_energy.sum()
@@ -169,7 +172,8 @@ def has_heads(model: nn.Module) -> bool:
 
 
 def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = "none",
-                   model_type: str = "equiforce", extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   model_type: str = "equiforce", extra: Optional[Dict[str, Any]] = None,
+                   total_charge: float = 0.0) -> Dict[str, Any]:
     """The metadata every engine checks. ``symmetry`` is "O3", "SE3" or "none" (analytic models)."""
     meta: Dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -207,7 +211,7 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
             "k_cut": float(k_cut),
             "damping": float(el.damping),
             "coulomb_constant": K_E,
-            "total_charge": 0.0,
+            "total_charge": float(total_charge),
             "requires": "all atoms of the system once each (n_local == N, no ghosts) and the cell "
                         "(lattice rows in Angstrom; all zeros for open boundaries)",
         }
@@ -219,17 +223,28 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
 def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.float64,
                  symmetry: str = "none", model_type: str = "equiforce",
                  extra_metadata: Optional[Dict[str, Any]] = None,
-                 check_structure: Optional[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None) -> Dict[str, Any]:
+                 check_structure: Optional[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None,
+                 total_charge: float = 0.0) -> Dict[str, Any]:
     """Script ``energy_model`` inside :class:`ExportedPotential`, store metadata, save to ``path``.
+
+    ``total_charge`` (e): what the learned charges of a long-range model add up to in every call
+    (an ion, a charged defect); only long-range models take a value other than 0.
 
     When ``check_structure = (pos, species, edge_index, edge_shift, cell)`` is given, the scripted
     module is re-run against the eager one before saving and the export fails if they differ.
     Returns the metadata written.
     """
     energy_model = energy_model.to(dtype).eval()
-    wrapper = ExportedHeadsPotential(energy_model) if has_heads(energy_model) else ExportedPotential(energy_model)
+    long_range = bool(getattr(energy_model, "has_long_range", False))
+    if total_charge != total_charge or abs(total_charge) == float("inf"):
+        raise ValueError(f"total_charge must be a finite number of elementary charges, got {total_charge}")
+    if total_charge != 0.0 and not long_range:
+        raise ValueError(f"total_charge {total_charge} e: only a long-range model (model.long_range = 'ewald') "
+                         "uses a total charge in its energy; export this model with total_charge 0")
+    wrapper = ExportedHeadsPotential(energy_model, total_charge) if has_heads(energy_model) \
+        else ExportedPotential(energy_model)
     scripted = torch.jit.script(wrapper)
-    meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata)
+    meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata, total_charge)
     if check_structure is not None:
         pos, species, edge_index, edge_shift, cell = check_structure
         args = (pos.to(dtype), species, edge_index, edge_shift.to(dtype), cell.to(dtype), int(pos.shape[0]))
