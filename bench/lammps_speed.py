@@ -9,12 +9,15 @@ size (channels 32, lmax 1, 3 layers, r_max 5 Å, random weights), float32 and fl
   the receptive field 3 x 5 Å + skin) and 2 MPI ranks on the gather path (`path gather`: every
   rank evaluates the whole gathered system), and for 64 atoms 1 rank with `path ghost_shell` (the
   cost before the serial-images path existed);
+* OpenMM (CPU platform, 1 thread) steps/s with the same file through `equiforce.openmm.create_force`
+  (VerletIntegrator, 1 fs; the TorchForce module does unit conversion and its own Verlet-list
+  neighbour search), in a subprocess;
 * the Python exported module's energy+forces+virial call on the same structure (neighbour list
   built outside the timer; median of repeated calls after a warm-up).
 
-`overhead` = Python time per evaluation / LAMMPS time per step on 1 rank (1.0 = no overhead; a
-LAMMPS step also integrates, rebuilds neighbour lists and copies data, so values slightly below
-1 are the pair style's cost).
+`overhead np1` / `overhead omm` = Python time per evaluation x engine steps/s (1.0 = no overhead;
+an engine step also integrates, searches neighbours and copies data, so 0.95 means the engine
+boundary costs 5 %).
 
 Every process runs one torch thread (OMP_NUM_THREADS=1): 1 rank uses 1 core, 2 ranks 2 cores.
 Prints a table and writes bench/results/lammps_speed.json.
@@ -109,6 +112,40 @@ run {steps}
             "ghosts_per_rank": float(ghosts[-1]) if ghosts else float("nan")}
 
 
+def openmm_worker(model: str, n: int, steps: int) -> None:
+    """(subprocess) OpenMM CPU platform, one thread: VerletIntegrator steps/s with the model as the
+    only force on the fcc crystal of n atoms; prints one JSON line."""
+    import openmm
+
+    from equiforce.openmm import create_force
+
+    pos, cell = fcc(n)
+    system = openmm.System()
+    for _ in range(n):
+        system.addParticle(63.546)
+    system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*(row / 10.0)) for row in cell])  # nm
+    system.addForce(create_force(model, elements=["Cu"] * n, periodic=True))
+    integrator = openmm.VerletIntegrator(0.001)  # ps
+    platform = openmm.Platform.getPlatformByName("CPU")
+    context = openmm.Context(system, integrator, platform, {"Threads": "1"})
+    context.setPositions(pos / 10.0)
+    context.setVelocitiesToTemperature(300.0)
+    integrator.step(2)  # warm-up: TorchScript profiling runs and the first neighbour search
+    t0 = time.perf_counter()
+    integrator.step(steps)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"steps_per_s": steps / dt, "seconds_per_step": dt / steps}), flush=True)
+
+
+def openmm_steps_per_s(model: str, n: int, steps: int) -> Dict[str, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--openmm-worker", model, str(n), str(steps)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"OpenMM worker failed with exit status {proc.returncode}:\n{proc.stderr[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def python_seconds(model_path: str, pos: np.ndarray, cell: np.ndarray, repeats: int) -> float:
     """Median seconds of one exported-module call (energy, forces, virial); neighbour list outside."""
     from equiforce.export import load_exported
@@ -143,7 +180,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-ghost-shell-serial", action="store_true",
                     help="skip the 1-rank `ghost_shell yes` comparison")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "lammps_speed.json"))
+    ap.add_argument("--no-openmm", action="store_true", help="skip the OpenMM column")
+    ap.add_argument("--openmm-worker", nargs=3, metavar=("MODEL", "N", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.openmm_worker:
+        openmm_worker(args.openmm_worker[0], int(args.openmm_worker[1]), int(args.openmm_worker[2]))
+        return 0
     sizes = args.sizes or ([64, 512] if args.quick else [64, 512, 4096])
     dtypes = args.dtypes or (["float64"] if args.quick else ["float32", "float64"])
     torch.set_num_threads(1)
@@ -194,6 +236,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                             path="gather")
                         except RuntimeError as e:
                             row[f"lmp_np{nprocs}_gather"] = {"error": str(e).splitlines()[0]}
+                if not args.no_openmm:
+                    try:
+                        row["openmm"] = openmm_steps_per_s(model, n, steps[n])
+                        row["openmm_overhead"] = row["python_s"] * row["openmm"]["steps_per_s"]
+                    except RuntimeError as e:
+                        row["openmm"] = {"error": str(e).splitlines()[0]}
                 if not args.no_ghost_shell_serial and n == 64:
                     row["lmp_np1_ghost_shell"] = lmp_steps_per_s(tmp, data, model, 1, steps_ghost[n],
                                                                  path="ghost_shell")
@@ -204,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = (f"{'atoms':>6} {'dtype':>8} {'python ms':>10} {'py atom-st/s':>12} "
               + " ".join(f"{'np' + str(k) + ' st/s':>10} {'np' + str(k) + ' at-st/s':>11}" for k in args.ranks)
               + "".join(f" {'np' + str(k) + ' gather st/s':>16}" for k in args.ranks if k > 1)
-              + f" {'np1 ghost-shell st/s':>21} {'overhead np1':>12}")
+              + f" {'np1 ghost-shell st/s':>21} {'overhead np1':>12} {'openmm st/s':>11} {'overhead omm':>12}")
     print(header)
     for row in rows:
         n = row["atoms"]
@@ -226,6 +274,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if 1 in args.ranks:
             row["overhead_np1"] = row["python_s"] * row["lmp_np1"]["steps_per_s"]
             line += f" {row['overhead_np1']:>12.2f}"
+        else:
+            line += f" {'-':>12}"
+        om = row.get("openmm", {})
+        if "steps_per_s" in om:
+            line += f" {om['steps_per_s']:>11.3f} {row['openmm_overhead']:>12.2f}"
+        else:
+            line += f" {'-':>11} {'-':>12}"
         print(line)
     noisy = max(load_before[0], load_after[0]) > 1.5
     note = (f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores"
