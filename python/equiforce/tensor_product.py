@@ -152,13 +152,14 @@ class EdgeTensorProduct(nn.Module):
                 p += 1
                 continue
             c = cg[cg_off:cg_off + d2 * d1 * d3].view(d2, d1 * d3)
-            m = shs[i2] @ c                                                # [E, d1 * d3]
+            # M = Y @ C [E, d1 * d3]; a broadcast product when Y is a single column (l2 = 0)
+            m = shs[i2] * c if d2 == 1 else shs[i2] @ c
             if kind == 0:  # _OUTER
                 # d1 = 1: out[k, u] = M[k] * (x w)[u]
                 off = 0
                 for d in self.group_d3[k]:
-                    xw = x[:, 0, :] * ws[p]                                  # [E, mul]
-                    outs.append(m[:, off:off + d].unsqueeze(2) * xw.unsqueeze(1))
+                    xw = x * ws[p].unsqueeze(1)                              # [E, 1, mul]
+                    outs.append(m[:, off:off + d].unsqueeze(2) * xw)
                     off += d
                     p += 1
             else:
