@@ -141,8 +141,7 @@ class EdgeTensorProduct(nn.Module):
         outs: List[Tensor] = []
         p = 0
         for k, grp in enumerate(self.groups):
-            i1, mul, d1, i2, d2, cg_off, d3, n_paths = (
-                grp[0], grp[1], grp[2], grp[3], grp[4], grp[5], grp[6], grp[8])
+            i1, d1, i2, d2, cg_off, d3 = grp[0], grp[2], grp[3], grp[4], grp[5], grp[6]
             kind = self.group_kind[k]
             x = xs[i1]                                                     # [E, d1, mul]
             if kind == 1:  # _DIAGONAL
