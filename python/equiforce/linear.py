@@ -42,6 +42,8 @@ class Linear(nn.Module):
     scales: List[float]
     in_sizes: List[int]
     out_sizes: List[int]
+    out_muls: List[int]
+    out_dims: List[int]
 
     def __init__(self, irreps_in: Irreps, irreps_out: Irreps, bias: bool = False):
         super().__init__()
@@ -52,6 +54,8 @@ class Linear(nn.Module):
         self.scales: List[float] = scales
         self.in_sizes: List[int] = [m.dim for m in self.irreps_in]
         self.out_sizes: List[int] = [m.dim for m in self.irreps_out]
+        self.out_muls: List[int] = [m.mul for m in self.irreps_out]
+        self.out_dims: List[int] = [m.ir.dim for m in self.irreps_out]
         self.weight = nn.Parameter(torch.randn(n_w))
         self.dim_out = self.irreps_out.dim
         scalar_mask = torch.zeros(self.dim_out)
@@ -76,6 +80,48 @@ class Linear(nn.Module):
             cur = outs[o]
             outs[o] = yb if cur is None else cur + yb
         out = _assemble(outs, self.out_sizes, x)
+        if self.use_bias:
+            out = out + self.bias * self.bias_mask
+        return out
+
+    def forward_to_blocks(self, x: Tensor) -> List[Tensor]:
+        """``x`` [N, irreps_in.dim] (mul-major) -> one component-major [N, 2l+1, mul] tensor per
+        block of ``irreps_out`` (the layout of :meth:`EdgeTensorProduct.forward_blocks`)."""
+        n = x.shape[0]
+        xs = torch.split(x, self.in_sizes, dim=1)
+        outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
+        for k, ins in enumerate(self.instructions):
+            i, mul_i, o, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
+            w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
+            yb = torch.matmul(xs[i].view(n, mul_i, d).transpose(1, 2), w)        # [n, d, mul_o]
+            cur = outs[o]
+            outs[o] = yb if cur is None else cur + yb
+        blocks: List[Tensor] = []
+        bias = torch.split(self.bias * self.bias_mask, self.out_sizes) if self.use_bias else []
+        for o, blk in enumerate(outs):
+            mul, d = self.out_muls[o], self.out_dims[o]
+            if blk is None:
+                blk = torch.zeros((n, d, mul), dtype=x.dtype, device=x.device)
+            if self.use_bias:
+                blk = blk + bias[o].view(mul, d).t()
+            blocks.append(blk)
+        return blocks
+
+    def forward_from_blocks(self, xs: List[Tensor]) -> Tensor:
+        """One component-major [N, 2l+1, mul] tensor per block of ``irreps_in`` -> [N, irreps_out.dim]
+        (mul-major); the same map as :meth:`forward`."""
+        n = xs[0].shape[0]
+        outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
+        for k, ins in enumerate(self.instructions):
+            i, mul_i, o, mul_o, off = ins[0], ins[1], ins[2], ins[3], ins[5]
+            w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
+            yb = torch.matmul(xs[i], w)                                          # [n, d, mul_o]
+            cur = outs[o]
+            outs[o] = yb if cur is None else cur + yb
+        flat: List[Optional[Tensor]] = []
+        for blk in outs:
+            flat.append(None if blk is None else blk.transpose(1, 2).reshape(n, blk.shape[1] * blk.shape[2]))
+        out = _assemble(flat, self.out_sizes, xs[0])
         if self.use_bias:
             out = out + self.bias * self.bias_mask
         return out

@@ -152,11 +152,18 @@ class InteractionLayer(nn.Module):
 
     def forward(self, x: Tensor, species: Tensor, edge_index: Tensor, sh: Tensor,
                 radial_basis: Tensor, envelope: Tensor) -> Tensor:
-        h = self.linear_1(x)
-        weight = self.radial(radial_basis) * envelope.unsqueeze(-1)      # [E, weight_numel]
-        msg = self.tp(h.index_select(0, edge_index[1]), sh, weight)       # [E, tp_out]
-        agg = scatter_sum(msg, edge_index[0], x.shape[0]) * self.message_scale
-        out = self.gate(self.linear_2(agg) + self.self_connection(x, species))
+        # Feature blocks travel component-major ([rows, 2l+1, mul], see EdgeTensorProduct) from
+        # linear_1 to linear_2. The tensor product is linear in the harmonics, so the envelope and
+        # 1/sqrt(avg_num_neighbors) scale them ([E, sh_dim]) instead of every weight or message.
+        n = x.shape[0]
+        hs = self.linear_1.forward_to_blocks(x)                           # [N, d, mul] per block
+        src = edge_index[1]
+        xs = [hb.index_select(0, src) for hb in hs]                       # [E, d, mul] per block
+        sh = sh * (envelope * self.message_scale).unsqueeze(-1)
+        msgs = self.tp.forward_blocks(xs, sh, self.radial(radial_basis))  # [E, d3, mul] per path
+        dst = edge_index[0]
+        agg = [scatter_sum(m, dst, n) for m in msgs]                      # [N, d3, mul] per path
+        out = self.gate(self.linear_2.forward_from_blocks(agg) + self.self_connection(x, species))
         if self.resnet:
             out = out + x
         return out
