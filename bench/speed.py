@@ -61,9 +61,11 @@ PEER_CONFIGS = {
 }
 OURS_CONFIGS = {
     # NequIP: 3 layers, 32 channels, l <= 1 with parity, 8 Bessel, radial MLP 2x64. NequIP's parity=True
-    # hidden features also carry 0o and 1e; equiforce's O3 features are 32x0e+32x1o only.
+    # hidden features are 32x0e+32x0o+32x1o+32x1e: equiforce's feature_parity "both" (its default,
+    # "natural", keeps 32x0e+32x1o only and is about twice as fast).
     "nequip": {"r_max": R_MAX, "channels": 32, "lmax": 1, "num_layers": 3, "num_bessel": 8,
-               "radial_hidden": 64, "radial_layers": 2, "symmetry": "O3", "cutoff_p": 6},
+               "radial_hidden": 64, "radial_layers": 2, "symmetry": "O3", "cutoff_p": 6,
+               "feature_parity": "both"},
     # MACE: 64x0e+64x1o features, sh l <= 3, body order 4 (correlation 3), 2 interactions, radial
     # MLP 3x64. Equiforce uses one lmax for features and edge harmonics and two-body messages, so the
     # closest match is 64 channels, 2 layers, radial MLP 3x64 and lmax 2 (features 64x0e+64x1o+64x2e,
@@ -73,8 +75,9 @@ OURS_CONFIGS = {
 }
 MAPPING_NOTES = {
     "nequip": "same layers/channels/lmax/basis/MLP (3 layers, 32 channels, lmax 1, 8 Bessel, radial MLP "
-              "2x64, r_max 5, p=6), but equiforce's O3 features are 32x0e+32x1o while NequIP's parity=True "
-              "features are 32x0e+32x0o+32x1o+32x1e (twice the irreps; not expressible in ModelConfig).",
+              "2x64, r_max 5, p=6) and the same hidden irreps 32x0e+32x0o+32x1o+32x1e (NequIP parity=True, "
+              "equiforce feature_parity 'both'). Remaining differences: NequIP's self-connection and "
+              "linear layers are species-dependent in different places, so parameter counts differ.",
     "mace": "closest expressible: channels 64, lmax 2 (features 64x0e+64x1o+64x2e, sh l<=2), "
             "2 layers, 8 Bessel, radial MLP 3x64, r_max 5. MACE's sh l<=3 and correlation-3 "
             "many-body product have no counterpart (equiforce messages are two-body CG products).",

@@ -67,8 +67,9 @@ def random_rotation(seed, improper=False):
 
 @pytest.mark.parametrize("make", [molecule, periodic])
 @pytest.mark.parametrize("improper", [False, True])
-def test_energy_invariant_forces_equivariant_o3(make, improper):
-    model = make_model("O3")
+@pytest.mark.parametrize("feature_parity", ["natural", "both"])
+def test_energy_invariant_forces_equivariant_o3(make, improper, feature_parity):
+    model = make_model("O3", feature_parity=feature_parity)
     atoms = make(1)
     e, _, f, v = evaluate(model, atoms)
     R = random_rotation(2, improper)
@@ -81,6 +82,27 @@ def test_energy_invariant_forces_equivariant_o3(make, improper):
     assert abs(e2 - e) < 1e-10 * max(1.0, abs(e))
     assert (f2 - f @ Rt.T).abs().max() < 1e-10
     assert (v2 - Rt @ v @ Rt.T).abs().max() < 1e-10
+
+
+def test_feature_parity_both_populates_the_odd_blocks():
+    """feature_parity 'both' (NequIP's parity: true): hidden features 0e+0o+1o+1e+2e+2o. The odd
+    copies are zero after the first layer (scalar inputs times harmonics have natural parity only);
+    the second layer fills 1e (1o x 1o) and 2o (2e x 1o), 0o needs a 1e input (a third hidden layer)."""
+    model = make_model("O3", feature_parity="both")
+    irreps = model.layers[0].irreps_out
+    assert str(irreps) == "8x0e + 8x0o + 8x1o + 8x1e + 8x2e + 8x2o"
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: outputs.append(out.detach())) for layer in model.layers]
+    evaluate(model, molecule(3))
+    for h in hooks:
+        h.remove()
+    blocks = dict(zip([str(m) for m in irreps], torch.split(outputs[1], [m.dim for m in irreps], dim=1)))
+    first = dict(zip([str(m) for m in irreps], torch.split(outputs[0], [m.dim for m in irreps], dim=1)))
+    for odd in ("8x0o", "8x1e", "8x2o"):
+        assert float(first[odd].abs().max()) == 0.0
+    for odd in ("8x1e", "8x2o"):
+        assert float(blocks[odd].abs().max()) > 1e-3
+    assert float(blocks["8x0o"].abs().max()) == 0.0
 
 
 def test_translation_and_permutation_invariance():
@@ -261,6 +283,8 @@ def test_float32_model_is_invariant_to_float32_precision():
     (dict(symmetry="E3"), "symmetry must be one of"),
     (dict(lmax=9), "lmax must be an integer"),
     (dict(channels=0), "channels must be an integer"),
+    (dict(feature_parity="odd"), "feature_parity must be one of"),
+    (dict(feature_parity="both", symmetry="SE3"), "feature_parity 'both' needs symmetry O3"),
 ])
 def test_bad_model_settings_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -41,6 +41,7 @@ YAML layout (every key optional; the defaults are the values below)::
       lmax: 2
       num_layers: 3
       symmetry: O3            # O3 | SE3
+      feature_parity: natural # natural (l with parity (-1)^l) | both (also 0o, 1e, ...: NequIP's parity: true)
       dipole: none            # none | direct | charges | both (dipole head, e·Å)
       direct_forces: false    # true: forces from a per-atom l=1 head (non-conservative baseline)
       long_range: none        # none | ewald: + electrostatics of learned charges (Ewald / Coulomb)

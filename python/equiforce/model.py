@@ -54,6 +54,7 @@ from .spherical_harmonics import safe_norm, safe_normalize, spherical_harmonics
 from .tensor_product import EdgeTensorProduct
 
 SYMMETRIES = ("O3", "SE3")
+FEATURE_PARITIES = ("natural", "both")
 DIPOLE_MODES = ("none", "direct", "charges", "both")
 LONG_RANGE_MODES = ("none", "ewald")
 
@@ -71,6 +72,8 @@ class ModelConfig:
     radial_hidden: int = 64         # width of the radial MLP
     radial_layers: int = 2          # hidden layers of the radial MLP
     symmetry: str = "O3"            # "O3" (parity tracked) or "SE3" (parity ignored: chiral)
+    feature_parity: str = "natural"  # O3: "natural" (l with parity (-1)^l, like the harmonics)
+                                     # or "both" (even and odd copies of every l, NequIP's parity: true)
     avg_num_neighbors: float = 1.0  # message normalisation; the trainer sets it from data
     resnet: bool = True             # residual update when a layer's irreps in == out
     dipole: str = "none"            # dipole head: "none" | "direct" | "charges" | "both" (e·Å)
@@ -107,6 +110,11 @@ class ModelConfig:
             raise ValueError(f"cutoff_p must be an integer >= 2, got {self.cutoff_p!r}")
         if self.symmetry not in SYMMETRIES:
             raise ValueError(f"symmetry must be one of {SYMMETRIES}, got {self.symmetry!r}")
+        if self.feature_parity not in FEATURE_PARITIES:
+            raise ValueError(f"feature_parity must be one of {FEATURE_PARITIES}, got {self.feature_parity!r}")
+        if self.feature_parity == "both" and self.symmetry != "O3":
+            raise ValueError("feature_parity 'both' needs symmetry O3 (in SE3 mode every feature is even); "
+                             "use feature_parity 'natural' with SE3")
         if not self.avg_num_neighbors > 0:
             raise ValueError(f"avg_num_neighbors must be > 0, got {self.avg_num_neighbors!r}")
         if self.dipole not in DIPOLE_MODES:
@@ -188,7 +196,10 @@ class EquiforceModel(nn.Module):
         parity = config.symmetry == "O3"
         s, c = len(species_names), config.channels
         irreps_sh = spherical_harmonics_irreps(config.lmax, parity)
-        hidden = Irreps([(c, (l, (-1) ** l if parity else 1)) for l in range(config.lmax + 1)])
+        if config.feature_parity == "both":  # 0e 0o 1o 1e 2e 2o ...: natural parity first
+            hidden = Irreps([(c, (l, p * (-1) ** l)) for l in range(config.lmax + 1) for p in (1, -1)])
+        else:
+            hidden = Irreps([(c, (l, (-1) ** l if parity else 1)) for l in range(config.lmax + 1)])
         scalars = Irreps([(c, (0, 1))])
         self.channels = int(c)
         self.dipole_mode = str(config.dipole)
