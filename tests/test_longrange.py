@@ -481,11 +481,37 @@ def test_training_run_and_cli_export(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # OpenMM
 # ---------------------------------------------------------------------------------------------
+def openmm_energy_forces(path, pos, species, cell, platform, periodic, rng=None):
+    """Energy (kJ/mol) and forces (kJ/mol/nm) of the exported file through openmm-torch; atoms
+    moved by random lattice vectors when ``rng`` is given (OpenMM does not wrap positions)."""
+    import openmm
+    from openmm import unit
+
+    from equiforce.openmm import NM_TO_ANGSTROM, create_force
+
+    system = openmm.System()
+    for s in species:
+        system.addParticle(23.0 if s == 0 else 35.45)
+    if periodic:
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in cell / NM_TO_ANGSTROM])
+    system.addForce(create_force(path, elements=[SPECIES[s] for s in species], periodic=periodic))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName(platform))
+    images = np.zeros_like(pos)
+    if periodic:
+        ctx.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in cell / NM_TO_ANGSTROM])
+        if rng is not None:
+            images = rng.integers(-2, 3, (len(pos), 3)) @ cell
+    ctx.setPositions((pos + images) / NM_TO_ANGSTROM)
+    state = ctx.getState(getEnergy=True, getForces=True)
+    e = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    f = np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+    return e, f
+
+
 @pytest.mark.parametrize("platform,periodic", [("Reference", True), ("CPU", True), ("CPU", False)])
 def test_openmm_matches_python(tmp_path, platform, periodic):
-    openmm = pytest.importorskip("openmm")
-    from openmm import unit
-    from equiforce.openmm import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, create_force
+    pytest.importorskip("openmm")
+    from equiforce.openmm import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
     rng = np.random.default_rng(14)
     # a triclinic box in OpenMM's reduced form (a along x, b in the xy plane, |b_x| <= a_x / 2, ...)
@@ -498,23 +524,7 @@ def test_openmm_matches_python(tmp_path, platform, periodic):
     e_ref, _, f_ref, _ = module(*exported_args(pos, species, ref_cell))
     e_ref = float(e_ref) * EV_TO_KJ_PER_MOL
     f_ref = f_ref.numpy() * EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM
-
-    system = openmm.System()
-    for s in species:
-        system.addParticle(23.0 if s == 0 else 35.45)
-    if periodic:
-        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in cell / NM_TO_ANGSTROM])
-    force = create_force(path, elements=[SPECIES[s] for s in species], periodic=periodic)
-    system.addForce(force)
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName(platform))
-    images = np.zeros_like(pos)
-    if periodic:
-        ctx.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in cell / NM_TO_ANGSTROM])
-        images = rng.integers(-2, 3, (len(pos), 3)) @ cell  # OpenMM does not wrap positions
-    ctx.setPositions((pos + images) / NM_TO_ANGSTROM)
-    state = ctx.getState(getEnergy=True, getForces=True)
-    e = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-    f = np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+    e, f = openmm_energy_forces(path, pos, species, cell, platform, periodic, rng)
     assert abs(e - e_ref) < 1e-8 * abs(e_ref)
     assert rel_err(f, f_ref) < 1e-8
 
@@ -589,6 +599,21 @@ def test_lammps_mpi_matches_python(lammps_case, tmp_path, nprocs, grid):
     assert rel_err(forces, ref_forces) < 1e-8
     assert rel_err(press6, ref["pressure6"]) < 1e-8
     assert abs(pea.sum() - energy) < 1e-8 * abs(energy)  # per-atom energies add up once, not per rank
+
+
+def test_openmm_on_the_lammps_system(lammps_case):
+    """The system of the LAMMPS tests (periodic, triclinic, learned charges) through OpenMM's
+    Reference and CPU platforms: the same numbers as Python (hence as LAMMPS on 1, 2 and 4 ranks,
+    checked above against the same reference), 1e-8 relative."""
+    pytest.importorskip("openmm")
+    from equiforce.openmm import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
+
+    s, _, path, ref = lammps_case
+    species = [SPECIES.index(x) for x in s.symbols]
+    for platform in ("Reference", "CPU"):
+        e, f = openmm_energy_forces(path, s.positions, species, s.cell, platform, True)
+        assert abs(e / EV_TO_KJ_PER_MOL - ref["energy"]) < 1e-8 * abs(ref["energy"])
+        assert rel_err(f / (EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM), ref["forces"]) < 1e-8
 
 
 def test_lammps_mpi_md_equals_serial(lammps_case, tmp_path):
