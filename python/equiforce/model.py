@@ -366,8 +366,12 @@ class EquiforceModel(nn.Module):
         return scale[species] * (raw - iso[species]) + shift[species]
 
     def for_export(self) -> "EquiforceModel":
-        """A frozen copy for export: isolated-atom reference stored, no per-call recomputation."""
+        """A frozen copy for export: isolated-atom reference stored, no per-call recomputation, and
+        parameters that do not require grad, so autograd (forces = -dE/dr) keeps only what the
+        gradient with respect to the geometry needs (no activations saved for weight gradients)."""
         model = copy.deepcopy(self).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
         with torch.no_grad():
             weight = model.embedding.weight  # the network's dtype (buffers may stay float64)
             model.isolated_raw.copy_(model.isolated_atom_raw(weight.dtype, weight.device))
