@@ -153,6 +153,7 @@ class InteractionLayer(nn.Module):
         self.linear_1 = Linear(irreps_in, irreps_in)
         self.tp = EdgeTensorProduct(irreps_in, irreps_sh, {m.ir for m in irreps_out})
         self.radial = RadialMLP(list(radial_sizes) + [self.tp.weight_numel])
+        self.radial.set_output_order(self.tp.weight_perm)  # weights in the TP's merged path order
         self.linear_2 = Linear(self.tp.irreps_out, self.gate.irreps_in)
         self.self_connection = SpeciesLinear(irreps_in, self.gate.irreps_in, num_species)
         self.message_scale = 1.0 / math.sqrt(avg_num_neighbors)
@@ -163,15 +164,18 @@ class InteractionLayer(nn.Module):
         # Feature blocks travel component-major ([rows, 2l+1, mul], see EdgeTensorProduct) from
         # linear_1 to linear_2. The tensor product is linear in the harmonics, so the envelope and
         # 1/sqrt(avg_num_neighbors) scale them ([E, sh_dim]) instead of every weight or message.
+        # Blocks the TP merges (same l, see EdgeTensorProduct) are concatenated along channels per
+        # atom, before the gather, and split back per atom after the scatter.
         n = x.shape[0]
-        hs = self.linear_1.forward_to_blocks(x)                           # [N, d, mul] per block
+        hs = self.tp.merge_inputs(self.linear_1.forward_to_blocks(x))     # [N, d, mul] per gather set
         src = edge_index[1]
-        xs = [hb.index_select(0, src) for hb in hs]                       # [E, d, mul] per block
+        xs = [hb.index_select(0, src) for hb in hs]                       # [E, d, mul] per gather set
         sh = sh * (envelope * self.message_scale).unsqueeze(-1)
-        msgs = self.tp.forward_blocks(xs, sh, self.radial(radial_basis))  # [E, d3, mul] per path
+        msgs = self.tp.forward_merged(xs, sh, self.radial(radial_basis))  # [E, d3, mul] per merged path
         dst = edge_index[0]
-        agg = [scatter_sum(m, dst, n) for m in msgs]                      # [N, d3, mul] per path
-        out = self.gate(self.linear_2.forward_from_blocks(agg) + self.self_connection(x, species))
+        agg = [scatter_sum(m, dst, n) for m in msgs]                      # [N, d3, mul] per merged path
+        out = self.gate(self.linear_2.forward_from_blocks(self.tp.split_merged(agg))
+                        + self.self_connection(x, species))
         if self.resnet:
             out = out + x
         return out
@@ -362,8 +366,12 @@ class EquiforceModel(nn.Module):
         return scale[species] * (raw - iso[species]) + shift[species]
 
     def for_export(self) -> "EquiforceModel":
-        """A frozen copy for export: isolated-atom reference stored, no per-call recomputation."""
+        """A frozen copy for export: isolated-atom reference stored, no per-call recomputation, and
+        parameters that do not require grad, so autograd (forces = -dE/dr) keeps only what the
+        gradient with respect to the geometry needs (no activations saved for weight gradients)."""
         model = copy.deepcopy(self).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
         with torch.no_grad():
             weight = model.embedding.weight  # the network's dtype (buffers may stay float64)
             model.isolated_raw.copy_(model.isolated_atom_raw(weight.dtype, weight.device))

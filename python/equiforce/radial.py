@@ -51,14 +51,20 @@ class BesselBasis(nn.Module):
 
 class _InputScaledLinear(nn.Linear):
     """``nn.Linear`` (no bias) applied to ``input_scale * x``; the scale goes on the [out, in] weight
-    rather than on the [E, in] activations. Same parameters (and init) as ``nn.Linear``."""
+    rather than on the [E, in] activations. Same parameters (and init) as ``nn.Linear``.
+
+    ``out_index`` (a non-persistent buffer, empty by default) reorders the outputs: output ``c`` is
+    row ``out_index[c]`` of the weight (a gather on the [out, in] weight, not on the activations).
+    """
 
     def __init__(self, in_features: int, out_features: int, input_scale: float):
         super().__init__(in_features, out_features, bias=False)
         self.input_scale = float(input_scale)
+        self.register_buffer("out_index", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, self.weight * self.input_scale)
+        weight = self.weight if self.out_index.numel() == 0 else self.weight.index_select(0, self.out_index)
+        return torch.nn.functional.linear(x, weight * self.input_scale)
 
 
 class RadialMLP(nn.Module):
@@ -77,12 +83,19 @@ class RadialMLP(nn.Module):
         factor = NormalizedSiLU().factor
         layers: List[nn.Module] = []
         for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            lin = nn.Linear(a, b, bias=False) if k == 0 else _InputScaledLinear(a, b, factor)
+            lin = _InputScaledLinear(a, b, 1.0 if k == 0 else factor)
             nn.init.normal_(lin.weight, std=1.0 / math.sqrt(a))
             layers.append(lin)
             if k < len(sizes) - 2:
                 layers.append(nn.SiLU())
         self.net = nn.Sequential(*layers)
+
+    def set_output_order(self, index: Tensor) -> None:
+        """Output ``c`` becomes the original output ``index[c]`` ([sizes[-1]] int64; empty: unchanged).
+        Not part of the state dict: parameters keep their layout."""
+        last = self.net[len(self.net) - 1]
+        assert isinstance(last, _InputScaledLinear)
+        last.out_index = index.clone()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
