@@ -11,6 +11,9 @@
 #include <unordered_map>
 
 #include <ATen/Parallel.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "atom.h"
 #include "comm.h"
@@ -38,6 +41,7 @@ PairEquiforce::PairEquiforce(LAMMPS *lmp) : Pair(lmp) {
   centroidstressflag = CENTROID_NOTAVAIL;
   const char *dump = std::getenv("EQUIFORCE_DUMP_EDGES");
   if (dump && *dump) dump_path_ = dump;
+  tune_malloc();
 
   // rank within the node: spreads ranks over the node's GPUs and shares its CPU cores
   MPI_Comm node;
@@ -45,6 +49,24 @@ PairEquiforce::PairEquiforce(LAMMPS *lmp) : Pair(lmp) {
   MPI_Comm_rank(node, &local_rank_);
   MPI_Comm_size(node, &local_size_);
   MPI_Comm_free(&node);
+}
+
+/* ----------------------------------------------------------------------
+   glibc hands every block over its mmap threshold (at most 32 MB by default) a fresh mapping that
+   is faulted in and zeroed again at every force call: at 4096 atoms a third of the step went to
+   page faults. Blocks up to 1 GB now come from the heap and freed memory stays there for the next
+   step (the process keeps its peak size, as an MD run reaches it every step anyway). Skipped when
+   the user tunes malloc (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) or sets
+   EQUIFORCE_MALLOC_TUNING=0.
+------------------------------------------------------------------------- */
+
+void PairEquiforce::tune_malloc() {
+#if defined(__GLIBC__)
+  const char *off = std::getenv("EQUIFORCE_MALLOC_TUNING");
+  if (off && strcmp(off, "0") == 0) return;
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_")) return;
+  malloc_tuned_ = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 && mallopt(M_TRIM_THRESHOLD, INT32_MAX) == 1;
+#endif
 }
 
 /* ---------------------------------------------------------------------- */
@@ -176,9 +198,10 @@ void PairEquiforce::coeff(int narg, char **arg) {
   if (comm->me == 0) {
     std::string msg = fmt::format(
         "pair equiforce: model {} (format_version {}, {}, r_max {} A, {} layer(s), receptive field {} A) "
-        "on {}, {} torch thread(s) per rank\n  type -> element -> model species index\n",
+        "on {}, {} torch thread(s) per rank{}\n  type -> element -> model species index\n",
         arg[2], meta.format_version, meta.dtype, r_max_, num_layers_, receptive_field_, device.str(),
-        at::get_num_threads());
+        at::get_num_threads(),
+        malloc_tuned_ ? "; glibc malloc keeps freed blocks up to 1 GB (EQUIFORCE_MALLOC_TUNING=0 to disable)" : "");
     for (int t = 1; t <= ntypes; t++)
       msg += fmt::format("  {:4d} -> {:>4} -> {}\n", t, type_elements_[t],
                          map[t] >= 0 ? std::to_string(map[t]) : std::string("(not equiforce)"));

@@ -42,6 +42,7 @@ class PairEquiforce : public Pair {
 
  protected:
   void allocate();
+  void tune_malloc();
   // edges (i, j) in compact numbering for the atoms `atoms` (LAMMPS indices, locals first)
   void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                       int &n_local);
@@ -69,6 +70,7 @@ class PairEquiforce : public Pair {
   int logged_path_ = -1;            // path last reported in the log
   std::string auto_reason_;         // why `path auto` chose gather or ghost shell (for the log)
   std::string dump_path_;  // EQUIFORCE_DUMP_EDGES
+  bool malloc_tuned_ = false;  // glibc mmap/trim thresholds raised (see tune_malloc)
 };
 
 }  // namespace LAMMPS_NS
