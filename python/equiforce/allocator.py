@@ -1,0 +1,37 @@
+"""glibc allocator setting for force calls on large systems.
+
+glibc gives every block above its mmap threshold (dynamic, at most 32 MB) a fresh mapping that is
+faulted in and zeroed again at every call; with per-edge tensors of 100+ MB (thousands of atoms)
+that costs a third of a call. :func:`tune_malloc` raises the mmap threshold to 1 GB and the trim
+threshold to 2 GB, so freed blocks stay in the heap for the next call (the process keeps its peak
+size). The LAMMPS plugin does the same at start-up (opt-out ``EQUIFORCE_MALLOC_TUNING=0``); Python
+users (ASE, OpenMM) call this once, or set ``MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=2147483647`` before starting Python. Process-wide, hence never automatic.
+"""
+import ctypes
+import ctypes.util
+import os
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 30      # bytes
+TRIM_THRESHOLD = 2**31 - 1    # bytes (mallopt takes an int)
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds; True when applied. Does nothing (False) on a C
+    library without ``mallopt``, when ``EQUIFORCE_MALLOC_TUNING=0``, or when the user already set
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``."""
+    if os.environ.get("EQUIFORCE_MALLOC_TUNING") == "0":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
