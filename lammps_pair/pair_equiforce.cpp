@@ -517,7 +517,6 @@ void PairEquiforce::compute_ghost_shell(std::vector<int> &atoms, std::vector<int
 
 void PairEquiforce::compute_gathered() {
   double **x = atom->x;
-  double **f = atom->f;
   int *type = atom->type;
   tagint *tag = atom->tag;
   const int nlocal = atom->nlocal;
@@ -635,26 +634,7 @@ void PairEquiforce::compute_gathered() {
   equiforce::Result res = run_model(pos, species, edges, shifts, n_all, tags64);
 
   // each rank keeps its own atoms; rank 0 tallies the global energy and virial
-  const double *fr = res.forces.data_ptr<double>();
-  for (int k = 0; k < n_mine; k++) {
-    const int i = atoms[k];
-    for (int d = 0; d < 3; d++) f[i][d] += fr[3 * (offset + k) + d];
-  }
-  if (eflag_atom) {
-    const double *ea = res.atom_energy.data_ptr<double>();
-    for (int k = 0; k < n_mine; k++) eatom[atoms[k]] += ea[offset + k];
-  }
-  if (comm->me != 0) return;
-  if (eflag_global) eng_vdwl += res.energy;
-  if (vflag_global) {
-    const double *w = res.virial.data_ptr<double>();
-    virial[0] += w[0];
-    virial[1] += w[4];
-    virial[2] += w[8];
-    virial[3] += w[1];
-    virial[4] += w[2];
-    virial[5] += w[5];
-  }
+  tally(res, atoms, offset, n_mine, n_mine, comm->me == 0);
 }
 
 /* ----------------------------------------------------------------------
@@ -701,7 +681,6 @@ equiforce::Result PairEquiforce::run_model(const torch::Tensor &pos, const torch
 void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges,
                              std::vector<double> &shifts, int n_local) {
   double **x = atom->x;
-  double **f = atom->f;
   int *type = atom->type;
   tagint *tag = atom->tag;
   const int n = static_cast<int>(atoms.size());
@@ -723,24 +702,34 @@ void PairEquiforce::evaluate(const std::vector<int> &atoms, std::vector<int64_t>
   }
   equiforce::Result res = run_model(pos, species, edges, shifts, n_local, tags);
 
+  tally(res, atoms, 0, n, n_local, true);
+}
+
+/* ----------------------------------------------------------------------
+   add the model's outputs: forces of rows row0 .. row0 + n_forces - 1 to atoms[0 .. n_forces - 1],
+   per-atom energies of the first n_eatom of those, and (global) the energy and virial.
+   The model's virial is -sum_e r_e (x) dE/dr_e over all edges given. Images and gather paths: the
+   exact periodic virial of the whole system (as in Python). Ghost-shell path: with ghosts as
+   explicit images (r_e = x_j - x_i) it equals sum_k x_k (x) F_k over local and ghost atoms, i.e.
+   exactly what virial_fdotr_compute() would give for these forces, and summed over ranks it is
+   the derivative of the total energy with respect to a homogeneous strain.
+------------------------------------------------------------------------- */
+
+void PairEquiforce::tally(const equiforce::Result &res, const std::vector<int> &atoms, int row0, int n_forces,
+                          int n_eatom, bool global) {
+  double **f = atom->f;
   const double *fr = res.forces.data_ptr<double>();
-  for (int k = 0; k < n; k++) {
+  for (int k = 0; k < n_forces; k++) {
     const int i = atoms[k];
-    f[i][0] += fr[3 * k];
-    f[i][1] += fr[3 * k + 1];
-    f[i][2] += fr[3 * k + 2];
+    for (int d = 0; d < 3; d++) f[i][d] += fr[3 * (row0 + k) + d];
   }
-  if (eflag_global) eng_vdwl += res.energy;
   if (eflag_atom) {
     const double *ea = res.atom_energy.data_ptr<double>();
-    for (int k = 0; k < n_local; k++) eatom[atoms[k]] += ea[k];
+    for (int k = 0; k < n_eatom; k++) eatom[atoms[k]] += ea[row0 + k];
   }
+  if (!global) return;
+  if (eflag_global) eng_vdwl += res.energy;
   if (vflag_global) {
-    // The model's virial is -sum_e r_e (x) dE/dr_e over all edges given. Images path: the exact
-    // periodic virial of the whole system (as in Python). Ghost-shell path: with ghosts as explicit
-    // images (r_e = x_j - x_i) it equals sum_k x_k (x) F_k over local and ghost atoms, i.e. exactly
-    // what virial_fdotr_compute() would give for these forces, and summed over ranks it is the
-    // derivative of the total energy with respect to a homogeneous strain.
     const double *w = res.virial.data_ptr<double>();
     virial[0] += w[0];
     virial[1] += w[4];

@@ -54,6 +54,8 @@ class PairEquiforce : public Pair {
   // the model on pos [N,3] / species [N] / edges (pairs) / shifts ([E*3] or empty); the box from domain
   equiforce::Result run_model(const torch::Tensor &pos, const torch::Tensor &species, std::vector<int64_t> &edges,
                               std::vector<double> &shifts, int n_local, const std::vector<int64_t> &tags);
+  void tally(const equiforce::Result &res, const std::vector<int> &atoms, int row0, int n_forces, int n_eatom,
+             bool global);
   void dump_edges(const torch::Tensor &pos, const std::vector<int64_t> &tags, const std::vector<int64_t> &edges,
                   const std::vector<double> &shifts, int n_local);
 
