@@ -80,8 +80,9 @@ def write_data(path: str, pos: np.ndarray, cell: np.ndarray) -> None:
 
 def lmp_steps_per_s(workdir: str, data: str, model: str, nprocs: int, steps: int,
                     path: str = "auto") -> Dict[str, float]:
-    """Time `steps` NVE steps; returns steps/s from LAMMPS' loop time. The run's setup (one force
-    evaluation, not part of the loop time) is the warm-up of the TorchScript module."""
+    """Time `steps` NVE steps; returns steps/s from the loop time of the second `run`. The first
+    (2 steps) warms up the TorchScript module and the allocator's heap (the first steps after
+    start-up fault in fresh memory: with a single short run a 4096-atom step looked 2x slower)."""
     extra = f" path {path}"
     deck = f"""units metal
 atom_style atomic
@@ -93,6 +94,7 @@ velocity all create 300.0 4928459 mom yes rot yes loop geom
 timestep 0.001
 fix 1 all nve
 thermo {steps}
+run 2
 run {steps}
 """
     with open(os.path.join(workdir, "in.bench"), "w") as f:
@@ -237,6 +239,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         # float64 autograd graph outgrows this 23 GB machine and the ranks are killed
                         row[f"lmp_np{nprocs}"] = {"skipped": "ghost-shell float64 needs > 10 GB per rank "
                                                              "here; --allow-big runs it"}
+                        row[f"lmp_np{nprocs}_gather"] = {"skipped": "gather float64 needs ~9 GB per rank; "
+                                                                    "--allow-big runs it"}
                         continue
                     try:
                         row[f"lmp_np{nprocs}"] = lmp_steps_per_s(tmp, data, model, nprocs, k,
@@ -244,11 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     except RuntimeError as e:
                         row[f"lmp_np{nprocs}"] = {"error": str(e).splitlines()[0]}
                         print(f"  {n} atoms {dtype_name} np{nprocs}: {str(e).splitlines()[0]}", flush=True)
-                    if nprocs > 1 and n >= 4096 and dtype_name == "float64" and not args.allow_big:
-                        # every rank holds the whole float64 4096-atom graph: 2 x ~9 GB here
-                        row[f"lmp_np{nprocs}_gather"] = {"skipped": "gather float64 needs ~9 GB per rank; "
-                                                                    "--allow-big runs it"}
-                    elif nprocs > 1:
+                    if nprocs > 1:
                         try:
                             row[f"lmp_np{nprocs}_gather"] = lmp_steps_per_s(tmp, data, model, nprocs, steps[n],
                                                                             path="gather")
