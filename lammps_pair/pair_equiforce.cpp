@@ -363,61 +363,83 @@ void PairEquiforce::compute(int eflag, int vflag) {
 void PairEquiforce::compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges,
                                    std::vector<double> &shifts, int &n_local) {
   double **x = atom->x;
+  tagint *tag = atom->tag;
+  std::vector<int> compact;
+  n_local = select_local(atoms, compact);
+  if (n_local == 0) return;
+
+  // tag -> local row, built per call (tags need not be contiguous; no atom map required)
+  std::unordered_map<tagint, int> row_of_tag;
+  row_of_tag.reserve(static_cast<size_t>(n_local) * 2);
+  std::vector<double> row_x(3 * static_cast<size_t>(n_local));
+  for (int k = 0; k < n_local; k++) {
+    row_of_tag.emplace(tag[atoms[k]], k);
+    for (int d = 0; d < 3; d++) row_x[3 * k + d] = x[atoms[k]][d];
+  }
+  image_edges(compact, 0, row_of_tag, row_x.data(), edges, shifts,
+              "pair equiforce: ghost atom with ID {} has no local owner on this single rank; "
+              "use 'pair_style equiforce path gather'");
+}
+
+/* ----------------------------------------------------------------------
+   the local atoms of this style, in LAMMPS order: atoms[k] = LAMMPS index, compact[i] = k (or -1)
+------------------------------------------------------------------------- */
+
+int PairEquiforce::select_local(std::vector<int> &atoms, std::vector<int> &compact) {
+  int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  compact.assign(nlocal, -1);
+  for (int i = 0; i < nlocal; i++)
+    if (map[type[i]] >= 0) {
+      compact[i] = static_cast<int>(atoms.size());
+      atoms.push_back(i);
+    }
+  return static_cast<int>(atoms.size());
+}
+
+/* ----------------------------------------------------------------------
+   edges of the local atoms (images form, used by the images and gather paths): for each pair
+   (i, j) within r_max, (row0 + compact[i], row of the owner of j) and the shift x_j - x_owner,
+   a lattice vector for a ghost, zero for a local j. row_of_tag maps an atom ID to its row in the
+   model's atom list, row_x [rows*3] holds the rows' positions; `missing` (with {} for the ID) is
+   the error for a neighbour whose ID has no row. Owners of ghosts are looked up once per ghost.
+------------------------------------------------------------------------- */
+
+void PairEquiforce::image_edges(const std::vector<int> &compact, int row0,
+                                const std::unordered_map<tagint, int> &row_of_tag, const double *row_x,
+                                std::vector<int64_t> &edges, std::vector<double> &shifts,
+                                const std::string &missing) {
+  double **x = atom->x;
   int *type = atom->type;
   tagint *tag = atom->tag;
   const int nlocal = atom->nlocal;
-  const int nall = nlocal + atom->nghost;
   const double cutsq_model = r_max_ * r_max_;
   const int inum = list->inum;
   int *ilist = list->ilist;
   int *numneigh = list->numneigh;
   int **firstneigh = list->firstneigh;
-
-  std::vector<int> compact(nlocal, -1);
-  for (int i = 0; i < nlocal; i++)  // local atoms of this style, in LAMMPS order
-    if (map[type[i]] >= 0) {
-      compact[i] = static_cast<int>(atoms.size());
-      atoms.push_back(i);
-    }
-  n_local = static_cast<int>(atoms.size());
-  if (n_local == 0) return;
-
-  // tag -> local index, built per call (tags need not be contiguous; no atom map required),
-  // and the owner of each ghost, looked up once per ghost that appears in an edge
-  std::unordered_map<tagint, int> local_of_tag;
-  local_of_tag.reserve(static_cast<size_t>(nlocal) * 2);
-  for (int i = 0; i < nlocal; i++) local_of_tag.emplace(tag[i], i);
-  std::vector<int> owner(nall - nlocal, -1);
+  std::vector<int> ghost_row(atom->nghost, -1);
 
   edges.reserve(static_cast<size_t>(inum) * 64);
   shifts.reserve(static_cast<size_t>(inum) * 96);
   for (int ii = 0; ii < inum; ii++) {
     const int i = ilist[ii];
     if (i >= nlocal || map[type[i]] < 0) continue;
-    const int ci = compact[i];
     const int *jlist = firstneigh[i];
     for (int jj = 0; jj < numneigh[i]; jj++) {
       const int j = jlist[jj] & NEIGHMASK;
       if (map[type[j]] < 0) continue;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      int o = j;
-      if (j >= nlocal) {
-        int &own = owner[j - nlocal];
-        if (own < 0) {
-          auto it = local_of_tag.find(tag[j]);
-          if (it == local_of_tag.end())
-            error->one(FLERR, "pair equiforce: ghost atom with ID {} has no local owner on this single rank; "
-                              "use 'pair_style equiforce path gather'", tag[j]);
-          own = it->second;
-        }
-        o = own;
+      int row = j < nlocal ? row0 + compact[j] : ghost_row[j - nlocal];
+      if (row < 0) {
+        auto it = row_of_tag.find(tag[j]);
+        if (it == row_of_tag.end()) error->one(FLERR, missing, tag[j]);
+        row = ghost_row[j - nlocal] = it->second;
       }
-      edges.push_back(ci);
-      edges.push_back(compact[o]);
-      shifts.push_back(x[j][0] - x[o][0]);
-      shifts.push_back(x[j][1] - x[o][1]);
-      shifts.push_back(x[j][2] - x[o][2]);
+      edges.push_back(row0 + compact[i]);
+      edges.push_back(row);
+      for (int d = 0; d < 3; d++) shifts.push_back(x[j][d] - row_x[3 * row + d]);
     }
   }
 }
@@ -519,19 +541,11 @@ void PairEquiforce::compute_gathered() {
   double **x = atom->x;
   int *type = atom->type;
   tagint *tag = atom->tag;
-  const int nlocal = atom->nlocal;
   const int nprocs = comm->nprocs;
-  const double cutsq_model = r_max_ * r_max_;
 
   // this rank's atoms of this style, in LAMMPS order
-  std::vector<int> atoms;
-  std::vector<int> compact(nlocal, -1);
-  for (int i = 0; i < nlocal; i++)
-    if (map[type[i]] >= 0) {
-      compact[i] = static_cast<int>(atoms.size());
-      atoms.push_back(i);
-    }
-  const int n_mine = static_cast<int>(atoms.size());
+  std::vector<int> atoms, compact;
+  const int n_mine = select_local(atoms, compact);
 
   // atom counts and offsets (rank order); a rank owning no atoms still takes part
   std::vector<int> counts(nprocs), displs(nprocs + 1, 0);
@@ -578,32 +592,8 @@ void PairEquiforce::compute_gathered() {
   // this rank's edges: (global index of i, global index of the owner of j) + shift x_j - x_owner
   std::vector<int64_t> my_edges;
   std::vector<double> my_shifts;
-  const int inum = list->inum;
-  int *ilist = list->ilist;
-  int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
-  my_edges.reserve(static_cast<size_t>(inum) * 64);
-  my_shifts.reserve(static_cast<size_t>(inum) * 96);
-  for (int ii = 0; ii < inum; ii++) {
-    const int i = ilist[ii];
-    if (i >= nlocal || map[type[i]] < 0) continue;
-    const int gi = offset + compact[i];
-    const int *jlist = firstneigh[i];
-    for (int jj = 0; jj < numneigh[i]; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (map[type[j]] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      auto it = index_of_tag.find(tag[j]);
-      if (it == index_of_tag.end())
-        error->one(FLERR, "pair equiforce: neighbour atom with ID {} is owned by no rank (duplicate or missing "
-                          "atom IDs?)", tag[j]);
-      const int gj = it->second;
-      my_edges.push_back(gi);
-      my_edges.push_back(gj);
-      for (int d = 0; d < 3; d++) my_shifts.push_back(x[j][d] - all_x[3 * gj + d]);
-    }
-  }
+  image_edges(compact, offset, index_of_tag, all_x, my_edges, my_shifts,
+              "pair equiforce: neighbour atom with ID {} is owned by no rank (duplicate or missing atom IDs?)");
   const int64_t my_ne = static_cast<int64_t>(my_edges.size() / 2);
   std::vector<int64_t> ne_counts(nprocs);
   MPI_Allgather(&my_ne, 1, MPI_INT64_T, ne_counts.data(), 1, MPI_INT64_T, world);

@@ -23,6 +23,7 @@
 #include <memory>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "equiforce_model.h"  // equiforce::Model, equiforce::Result (libtorch)
@@ -47,6 +48,10 @@ class PairEquiforce : public Pair {
   // edges (i, j) in compact numbering for the atoms `atoms` (LAMMPS indices, locals first)
   void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                       int &n_local);
+  int select_local(std::vector<int> &atoms, std::vector<int> &compact);
+  void image_edges(const std::vector<int> &compact, int row0, const std::unordered_map<tagint, int> &row_of_tag,
+                   const double *row_x, std::vector<int64_t> &edges, std::vector<double> &shifts,
+                   const std::string &missing);
   void compute_ghost_shell(std::vector<int> &atoms, std::vector<int64_t> &edges, int &n_local);
   void compute_gathered();
   void evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
