@@ -113,6 +113,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by `equiforce train` (or a checkpoint file)")
     p.add_argument("-o", "--output", required=True, help="exported TorchScript file to write, e.g. model.pt")
     p.add_argument("--dtype", choices=["float32", "float64"], help="dtype of the exported model (training dtype)")
+    p.add_argument("--portable", action="store_true",
+                   help="no compiled equiforce ops in the file (slower on the CPU): for programs that load it "
+                        "with plain libtorch, without equiforce's LAMMPS plugin or Python package")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="which checkpoint of the run to export (best)")
     p.add_argument("--total-charge", type=float, default=0.0,
@@ -150,11 +153,12 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--total-charge {args.total_charge:g}: the model of '{path}' has no long-range "
                         "electrostatics (model.long_range = 'none'), so a total charge would not change it; "
                         "drop --total-charge")
-    meta = export_model(model.for_export(), args.output, dtype, symmetry=config.model.symmetry,
+    meta = export_model(model.for_export(fused=not args.portable), args.output, dtype, symmetry=config.model.symmetry,
                         model_type="equiforce", extra_metadata=extra, check_structure=check,
                         total_charge=args.total_charge)
     print(f"exported {path} (epoch {state['epoch']}, EMA weights) to {args.output}: species {meta['species']}, "
-          f"r_max {meta['r_max']} Å, {meta['num_layers']} layers, {meta['dtype']}, symmetry {meta['symmetry']}")
+          f"r_max {meta['r_max']} Å, {meta['num_layers']} layers, {meta['dtype']}, symmetry {meta['symmetry']}"
+          + ("" if meta["custom_ops"] else ", portable (no compiled ops)"))
     return 0
 
 

@@ -60,6 +60,10 @@ from torch import Tensor, nn
 
 from . import FORMAT_VERSION, __version__
 from .forces import edge_vectors, forces_virial_from_edge_grad
+from .ops import load_ops
+
+# files exported with fused kernels call torch.ops.equiforce.*: register them before any load
+load_ops()
 
 METADATA_FILE = "equiforce_metadata.json"
 
@@ -215,6 +219,9 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
             "requires": "all atoms of the system once each (n_local == N, no ghosts) and the cell "
                         "(lattice rows in Angstrom; all zeros for open boundaries)",
         }
+    fused = bool(getattr(energy_model, "fused_kernels", False))
+    # compiled ops the file calls (on the CPU): whatever loads it must have libequiforce_ops.so loaded
+    meta["custom_ops"] = ["equiforce::tp_scatter", "equiforce::radial_pairs"] if fused else []
     if extra:
         meta.update(extra)
     return meta

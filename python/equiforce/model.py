@@ -51,7 +51,7 @@ from .longrange import Electrostatics
 from .radial import BesselBasis, RadialMLP, polynomial_cutoff
 from .scatter import scatter_sum
 from .spherical_harmonics import safe_norm, safe_normalize, spherical_harmonics
-from .tensor_product import EdgeTensorProduct
+from .tensor_product import EdgeTensorProduct, FusedTensorProduct, RadialPairing
 
 SYMMETRIES = ("O3", "SE3")
 FEATURE_PARITIES = ("natural", "both")
@@ -158,9 +158,11 @@ class InteractionLayer(nn.Module):
         self.self_connection = SpeciesLinear(irreps_in, self.gate.irreps_in, num_species)
         self.message_scale = 1.0 / math.sqrt(avg_num_neighbors)
         self.resnet = bool(resnet) and self.irreps_in == self.irreps_out
+        # the compiled message passing (EquiforceModel.use_fused_kernels); None: the PyTorch path only
+        self.fused_tp: Optional[FusedTensorProduct] = None
 
     def forward(self, x: Tensor, species: Tensor, edge_index: Tensor, sh: Tensor,
-                radial_basis: Tensor, envelope: Tensor) -> Tensor:
+                radial_basis: Tensor, envelope: Tensor, radial_index: Optional[Tensor] = None) -> Tensor:
         # Feature blocks travel component-major ([rows, 2l+1, mul], see EdgeTensorProduct) from
         # linear_1 to linear_2. The tensor product is linear in the harmonics, so the envelope and
         # 1/sqrt(avg_num_neighbors) scale them ([E, sh_dim]) instead of every weight or message.
@@ -168,12 +170,22 @@ class InteractionLayer(nn.Module):
         # atom, before the gather, and split back per atom after the scatter.
         n = x.shape[0]
         hs = self.tp.merge_inputs(self.linear_1.forward_to_blocks(x))     # [N, d, mul] per gather set
-        src = edge_index[1]
-        xs = [hb.index_select(0, src) for hb in hs]                       # [E, d, mul] per gather set
+        src, dst = edge_index[1], edge_index[0]
         sh = sh * (envelope * self.message_scale).unsqueeze(-1)
-        msgs = self.tp.forward_merged(xs, sh, self.radial(radial_basis))  # [E, d3, mul] per merged path
-        dst = edge_index[0]
-        agg = [scatter_sum(m, dst, n) for m in msgs]                      # [N, d3, mul] per merged path
+        # radial weights [E, weight_numel] in merged path order; with radial_index, [U, ...] (one row
+        # per pair of reverse edges, see EquiforceModel.features) and radial_index [E] the row of each edge
+        weight = self.radial(radial_basis)
+        fused = self.fused_tp
+        if fused is not None and sh.device.type == "cpu":
+            if radial_index is None:
+                radial_index = torch.arange(sh.shape[0], device=sh.device)
+            agg = fused(hs, sh, weight, radial_index, src, dst, n)        # [N, d3, mul] per merged path
+        else:
+            if radial_index is not None:
+                weight = weight.index_select(0, radial_index)
+            xs = [hb.index_select(0, src) for hb in hs]                   # [E, d, mul] per gather set
+            msgs = self.tp.forward_merged(xs, sh, weight)                 # [E, d3, mul] per merged path
+            agg = [scatter_sum(m, dst, n) for m in msgs]                  # [N, d3, mul] per merged path
         out = self.gate(self.linear_2.forward_from_blocks(self.tp.split_merged(agg))
                         + self.self_connection(x, species))
         if self.resnet:
@@ -185,6 +197,8 @@ class EquiforceModel(nn.Module):
     """Per-atom energies (eV) from species and edge vectors (the energy-model contract of
     :mod:`equiforce.analytic`): ``forward(species [N], edge_index [2, E], edge_vec [E, 3] Å,
     batch [N], num_graphs) -> [N]``."""
+
+    __jit_unused_properties__ = ["fused_kernels"]
 
     def __init__(self, config: ModelConfig, species_names: List[str]):
         super().__init__()
@@ -250,6 +264,8 @@ class EquiforceModel(nn.Module):
             self.register_buffer("dipole_scale", torch.ones((), dtype=torch.float64))
         # True while training (parameters change); export freezes e_iso into `isolated_raw`
         self.online_isolated = True
+        # inference kernels (use_fused_kernels): reverse edges share radial weights on the CPU
+        self.radial_pairing: Optional[RadialPairing] = None
 
     def set_scale_shift(self, scale: Tensor, shift: Tensor) -> None:
         """Per-species energy scale and shift [S] (eV)."""
@@ -272,11 +288,21 @@ class EquiforceModel(nn.Module):
         when a vector head needs them)."""
         r = safe_norm(edge_vec)
         sh = spherical_harmonics(self.lmax, safe_normalize(edge_vec, r))
-        basis = self.basis(r)
         envelope = polynomial_cutoff(r, self.r_max, self.cutoff_p)
+        radial_index: Optional[Tensor] = None
+        pairing = self.radial_pairing
+        if pairing is not None and edge_vec.device.type == "cpu":
+            # reverse edges (j->i, i->j: vectors exactly opposite) share their radial weights: the
+            # radial MLPs run on one edge of each pair. The other edge's radial derivative is then
+            # credited to its partner, which gives the same forces and virial (v and -v, src and dst
+            # swapped); per-edge gradients with respect to edge_vec are not split the same way.
+            reps, radial_index = pairing(edge_index, edge_vec, species.shape[0])
+            basis = self.basis(r.index_select(0, reps))
+        else:
+            basis = self.basis(r)
         x = self.embedding(species).to(edge_vec.dtype)
         for layer in self.layers:
-            x = layer(x, species, edge_index, sh, basis, envelope)
+            x = layer(x, species, edge_index, sh, basis, envelope, radial_index)
         return x
 
     def raw_energy(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
@@ -365,13 +391,33 @@ class EquiforceModel(nn.Module):
         shift = self.shift.to(edge_vec.dtype)
         return scale[species] * (raw - iso[species]) + shift[species]
 
-    def for_export(self) -> "EquiforceModel":
+    def use_fused_kernels(self, enabled: bool = True) -> "EquiforceModel":
+        """Run message passing through the compiled op ``equiforce::tp_scatter`` on the CPU (same
+        numbers as the PyTorch path to rounding; faster, and no per-edge intermediates kept for the
+        backward pass). It has first derivatives only: energies, forces, stress and virial, not
+        training on forces (``create_graph=True`` raises), so training keeps it off. Other devices
+        always take the PyTorch path. Returns ``self``."""
+        device = self.embedding.weight.device
+        for layer in self.layers:
+            layer.fused_tp = FusedTensorProduct(layer.tp).to(device) if enabled else None
+        self.radial_pairing = RadialPairing() if enabled else None
+        return self
+
+    @property
+    def fused_kernels(self) -> bool:
+        """True when message passing runs through the compiled op (:meth:`use_fused_kernels`)."""
+        return self.radial_pairing is not None
+
+    def for_export(self, fused: bool = True) -> "EquiforceModel":
         """A frozen copy for export: isolated-atom reference stored, no per-call recomputation, and
         parameters that do not require grad, so autograd (forces = -dE/dr) keeps only what the
-        gradient with respect to the geometry needs (no activations saved for weight gradients)."""
+        gradient with respect to the geometry needs (no activations saved for weight gradients).
+        ``fused``: message passing through the compiled op on the CPU (:meth:`use_fused_kernels`);
+        False gives a file that any libtorch program loads without equiforce's op library."""
         model = copy.deepcopy(self).eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        model.use_fused_kernels(bool(fused))
         with torch.no_grad():
             weight = model.embedding.weight  # the network's dtype (buffers may stay float64)
             model.isolated_raw.copy_(model.isolated_atom_raw(weight.dtype, weight.device))

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .clebsch_gordan import clebsch_gordan
 from .irreps import Irrep, Irreps
+from .ops import load_ops, ops_error
 
 # group kinds (see the module docstring); literals in forward_blocks, which TorchScript compiles
 _OUTER = 0      # l1 = 0
@@ -76,6 +77,9 @@ class EdgeTensorProduct(nn.Module):
     mpath_muls: List[int]
     mpath_members: List[List[int]]
     mpath_member_muls: List[List[int]]
+    set_dims: List[int]
+    set_muls: List[int]
+    mpath_d3: List[int]
 
     def __init__(self, irreps_in: Irreps, irreps_sh: Irreps, allowed_out: Set[Irrep]):
         super().__init__()
@@ -141,6 +145,7 @@ class EdgeTensorProduct(nn.Module):
         self.irreps_out = Irreps(out_blocks)
         self.weight_numel = w_off
         self._build_merged(out_blocks)
+        self._build_fused_tables()
 
     def _build_merged(self, out_blocks: List[Tuple[int, Tuple[int, int]]]) -> None:
         """Merged groups (module docstring): original groups with equal ``(l1, l2, [l3...])``.
@@ -206,6 +211,35 @@ class EdgeTensorProduct(nn.Module):
         identity = perm == list(range(len(perm)))
         self.register_buffer("weight_perm", torch.tensor([] if identity else perm, dtype=torch.long),
                              persistent=False)
+
+    def _build_fused_tables(self) -> None:
+        """Tables of ``equiforce::tp_scatter`` (layouts in ``cpp/equiforce_ops.cpp``) for the merged
+        groups: non-persistent buffers ``fused_groups`` [G, 10] and ``fused_kpath`` [sum of d3], and
+        ``set_dims`` / ``set_muls`` (irrep dimension and channels of each gather set) and ``mpath_d3``
+        (output dimension of each merged path)."""
+        self.set_dims = [self.in_dims[blocks[0]] for blocks in self.gather_sets]
+        self.set_muls = [sum(self.in_muls[b] for b in blocks) for blocks in self.gather_sets]
+        set_off = [0]
+        for d, m in zip(self.set_dims, self.set_muls):
+            set_off.append(set_off[-1] + d * m)
+        sh_off = [0]
+        for size in self.sh_sizes:
+            sh_off.append(sh_off[-1] + size)
+        rows: List[List[int]] = []
+        kpath: List[int] = []
+        mpath_d3: List[int] = []
+        out_off, w_off = 0, 0
+        for k, grp in enumerate(self.mgroups):
+            s, i2, d1, d2, cg_off, d3, mul = grp[0], grp[2], grp[3], grp[4], grp[5], grp[6], grp[7]
+            rows.append([set_off[s], d1, mul, sh_off[i2], d2, cg_off, d3, out_off, w_off, len(kpath)])
+            for t, dt in enumerate(self.mgroup_d3[k]):
+                kpath.extend([t] * dt)
+                mpath_d3.append(dt)
+            out_off += d3 * mul
+            w_off += len(self.mgroup_d3[k]) * mul
+        self.mpath_d3 = mpath_d3
+        self.register_buffer("fused_groups", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("fused_kpath", torch.tensor(kpath, dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor, sh: Tensor, weight: Tensor) -> Tensor:
         """Mul-major in and out: ``x`` [E, irreps_in.dim] -> [E, irreps_out.dim]."""
@@ -291,3 +325,54 @@ class EdgeTensorProduct(nn.Module):
                     outs.append(yk * ws[p].unsqueeze(1))
                     p += 1
         return outs
+
+
+class FusedTensorProduct(nn.Module):
+    """Gather, tensor product and scatter-sum of an :class:`EdgeTensorProduct` in one compiled op
+    (``equiforce::tp_scatter``, CPU; tables from the product's ``fused_groups`` / ``fused_kpath``).
+
+    A separate module so that a model without it never mentions the op: TorchScript does not compile
+    the branch of an attribute that is None, and exported files stay loadable by plain libtorch.
+    """
+
+    mpath_d3: List[int]
+    mpath_muls: List[int]
+
+    def __init__(self, tp: EdgeTensorProduct):
+        super().__init__()
+        if not load_ops():
+            raise RuntimeError(f"the compiled equiforce ops are not available ({ops_error()}); reinstall "
+                               "equiforce (pip install --no-build-isolation .) or keep fused kernels off")
+        self.mpath_d3 = list(tp.mpath_d3)
+        self.mpath_muls = list(tp.mpath_muls)
+        self.register_buffer("groups", tp.fused_groups.clone(), persistent=False)
+        self.register_buffer("kpath", tp.fused_kpath.clone(), persistent=False)
+        self.register_buffer("cg", tp.cg.clone(), persistent=False)
+
+    def forward(self, hs: List[Tensor], sh: Tensor, weight: Tensor, weight_index: Tensor, src: Tensor,
+                dst: Tensor, n: int) -> List[Tensor]:
+        """``hs[s]`` [N, 2l+1, mul_s] per gather set (:meth:`EdgeTensorProduct.merge_inputs`), ``sh``
+        [E, irreps_sh.dim], ``weight`` [U, weight_numel] in merged order with ``weight_index`` [E] its
+        row for each edge, ``src`` / ``dst`` [E] -> one [n, d3, mul] per merged path, equal to
+        ``scatter_sum(tp.forward_merged([h[src] for h in hs], sh, weight[weight_index]), dst, n)``.
+        First derivatives only (forces, virial; no training on forces through it)."""
+        x = hs[0].reshape(n, -1) if len(hs) == 1 else torch.cat([h.reshape(n, -1) for h in hs], dim=1)
+        out = torch.ops.equiforce.tp_scatter(x, sh, weight, weight_index, src, dst, n, self.groups, self.kpath,
+                                             self.cg.to(sh.dtype))
+        sizes = [d * m for d, m in zip(self.mpath_d3, self.mpath_muls)]
+        return [o.view(n, d, m) for o, d, m in zip(torch.split(out, sizes, dim=1), self.mpath_d3, self.mpath_muls)]
+
+
+class RadialPairing(nn.Module):
+    """Reverse edges (j->i and i->j, vectors exactly opposite) share their radial weights:
+    ``forward(edge_index [2, E], edge_vec [E, 3], n)`` -> ``(reps [U], index [E])``, the edges whose
+    radial weights are computed and the row of ``reps`` each edge uses (``equiforce::radial_pairs``,
+    CPU). A module for the same reason as :class:`FusedTensorProduct`."""
+
+    def __init__(self):
+        super().__init__()
+        if not load_ops():
+            raise RuntimeError(f"the compiled equiforce ops are not available ({ops_error()})")
+
+    def forward(self, edge_index: Tensor, edge_vec: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+        return torch.ops.equiforce.radial_pairs(edge_index, edge_vec.detach(), n)
