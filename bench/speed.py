@@ -239,6 +239,8 @@ def run_timings(workers: Dict[str, Worker], structures: List[dict], dtypes: List
                 if not ans.get("ok"):
                     results["backends"][k].setdefault("errors", {})[f"build/{dtype}"] = ans.get("error")
                     log(f"  ! {k} build {dtype}: {ans.get('error')}")
+                    if ans.get("trace"):
+                        log(ans["trace"])
                     active.remove(k)
                     continue
                 built[k].add(dtype)
@@ -301,7 +303,7 @@ def run_timings(workers: Dict[str, Worker], structures: List[dict], dtypes: List
 
 def _hello(w: Worker, args) -> dict:
     try:
-        return w.request({"op": "hello", "threads": args.threads}, timeout=600)
+        return w.request({"op": "hello", "threads": args.threads, "malloc": args.malloc}, timeout=600)
     except WorkerError as exc:
         w.error = str(exc)
         return {"ok": False, "error": str(exc)}
@@ -327,6 +329,10 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-sizes", help="equiforce-only size scaling, default 512,4096,32768 "
                                            "(quick 512,4096); 'none' to skip")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="glibc allocator of every worker, peers included: 'tuned' (equiforce.allocator."
+                        "tune_malloc: freed blocks stay in the heap, what the LAMMPS plugin does) or "
+                        "'default' (default tuned)")
     p.add_argument("--max-rss-gb", type=float, help="kill a worker above this RSS (default 70%% of "
                                                     "MemAvailable at start)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker request")
@@ -395,7 +401,7 @@ def main(argv=None) -> int:
         "sizes": sizes, "dtypes": dtypes, "quick": args.quick, "max_repeats": args.repeats,
         "min_repeats": args.min_repeats, "warmup": args.warmup, "rounds": args.rounds,
         "budget_s": args.budget, "r_max": R_MAX, "avg_num_neighbors": AVG_NUM_NEIGHBORS,
-        "max_rss_mb": max_rss_mb, "scaling_sizes": scaling},
+        "max_rss_mb": max_rss_mb, "scaling_sizes": scaling, "malloc": args.malloc},
         "configs": {"peers": PEER_CONFIGS, "equiforce": OURS_CONFIGS, "mapping": MAPPING_NOTES},
         "peers": {}, "backends": {}, "timings": {}, "structures": {}}
     la = results["machine"]["load_average_start"]
@@ -439,7 +445,7 @@ def main(argv=None) -> int:
             workers[g].config = PEER_CONFIGS[g]
     for k, w in workers.items():
         ans = _hello(w, args)
-        results["backends"][k] = {"backend": w.backend, "config": w.config,
+        results["backends"][k] = {"backend": w.backend, "config": w.config, "malloc": ans.get("malloc"),
                                   "versions": ans.get("versions"), "ok": bool(ans.get("ok"))}
         if not ans.get("ok"):
             w.error = ans.get("error")

@@ -11,7 +11,8 @@ has ``"ok"``; failures carry ``"error"`` (a one-line message) and ``"trace"``.
 =========  ==========================================================  ===============================
 op         request fields                                              answer fields
 =========  ==========================================================  ===============================
-hello      threads                                                     backend, versions, pid, threads
+hello      threads, malloc ("tuned": glibc thresholds of               backend, versions, pid, threads,
+           equiforce.allocator, for every backend alike; "default")    malloc
 build      dtype ("float32"/"float64"), config (backend's settings),   num_params, description
            species (list of element symbols), avg_num_neighbors
 time       structure (path to .npz: pos, cell, numbers, edge_index     times_s (one per repeat),
@@ -63,6 +64,18 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _tune_malloc() -> bool:
+    """equiforce.allocator.tune_malloc, loaded from its file (peer venvs do not have equiforce;
+    the module needs only the standard library)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python", "equiforce",
+                        "allocator.py")
+    spec = importlib.util.spec_from_file_location("_equiforce_allocator", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return bool(mod.tune_malloc())
 
 
 def _malloc_trim() -> None:
@@ -241,8 +254,9 @@ def main() -> None:
             if op == "hello":
                 threads = int(req.get("threads", 2))
                 torch.set_num_threads(threads)
+                malloc = "tuned" if req.get("malloc") == "tuned" and _tune_malloc() else "default"
                 reply({"ok": True, "backend": name, "versions": backend.versions(), "pid": os.getpid(),
-                       "threads": torch.get_num_threads()})
+                       "threads": torch.get_num_threads(), "malloc": malloc})
             elif op == "build":
                 out = backend.build(req["dtype"], req.get("config", {}), req["species"],
                                     float(req["avg_num_neighbors"]))

@@ -29,6 +29,11 @@ Extra outputs (:mod:`equiforce.heads`, :meth:`EquiforceModel.predict`), chosen i
   directly on forces; NOT the gradient of the energy (non-conservative: curl != 0), the energy
   head stays for the energy.
 
+Inference kernels (:meth:`EquiforceModel.use_fused_kernels`, on in :meth:`EquiforceModel.for_export`):
+on the CPU each layer's gather / tensor product / scatter runs as one compiled op and the radial MLPs
+run once per pair of reverse edges (:mod:`equiforce.tensor_product`); same numbers to rounding, first
+derivatives only, so training keeps them off.
+
 When a vector output is needed and ``lmax >= 1``, the last layer outputs ``C x 0e + C x 1o``
 (``1e`` in SE(3) mode), the vector block gated like in every other layer. With ``lmax = 0`` (the
 invariant, distance-only baseline) the vector heads read the invariant scalars and their outputs

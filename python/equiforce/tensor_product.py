@@ -37,6 +37,13 @@ concatenation, along channels, of the original paths of its members; the radial 
 produced in merged order (see ``weight_perm``), and :meth:`EdgeTensorProduct.split_merged` views
 the merged outputs as the original paths again. Without any mergeable blocks (``feature_parity =
 "natural"``, SE(3)) the merged groups are the original groups.
+
+Fused kernels. :class:`FusedTensorProduct` runs gather, merged groups and scatter-sum of one layer
+in the compiled op ``equiforce::tp_scatter`` (``cpp/equiforce_ops.cpp``, CPU, first derivatives),
+from the tables :meth:`EdgeTensorProduct._build_fused_tables` derives from the merged groups;
+:class:`RadialPairing` finds the reverse edges that share radial weights. Both are used by exported
+models (:meth:`equiforce.model.EquiforceModel.use_fused_kernels`) and tested against the PyTorch
+path above, which stays the reference and the path for training and GPUs.
 """
 import math
 from typing import List, Set, Tuple
