@@ -89,13 +89,12 @@ std::vector<Sparsity> sparsity(const std::vector<Group> &groups, const T *cg) {
 
 // edges grouped by key (counting sort): order[ptr[a] .. ptr[a + 1]) are the edges with key a
 void group_edges(const Tensor &key, int64_t n, const char *what, std::vector<int64_t> &ptr,
-                 std::vector<int64_t> &order) {
+                 std::vector<int64_t> &order, const char *op = "equiforce::tp_scatter") {
   const int64_t e = key.size(0);
   const int64_t *k = key.data_ptr<int64_t>();
   ptr.assign(n + 1, 0);
   for (int64_t a = 0; a < e; ++a) {
-    TORCH_CHECK(k[a] >= 0 && k[a] < n, "equiforce::tp_scatter: ", what, " index ", k[a], " of edge ", a,
-                " is outside [0, ", n, ")");
+    TORCH_CHECK(k[a] >= 0 && k[a] < n, op, ": ", what, " index ", k[a], " of edge ", a, " is outside [0, ", n, ")");
     ++ptr[k[a] + 1];
   }
   for (int64_t a = 0; a < n; ++a) ptr[a + 1] += ptr[a];
@@ -112,9 +111,14 @@ void check_range(const Tensor &index, int64_t n, const char *what) {
                 " is outside [0, ", n, ")");
 }
 
+// the pass bodies and their helpers are forced inline into the per-instruction-set clones below
+// (target_clones compiles only the clone's own body for AVX2/AVX-512; a call to a shared function
+// would run the default SSE2 code)
+#define EQUIFORCE_INLINE inline __attribute__((always_inline))
+
 // M values of group g for one edge, in the order of its nonzero pairs
 template <typename T>
-inline void edge_m(const Group &G, const Sparsity &s, const T *cg, const T *y, T *m) {
+EQUIFORCE_INLINE void edge_m(const Group &G, const Sparsity &s, const T *cg, const T *y, T *m) {
   const size_t np = s.pair_i.size();
   for (size_t p = 0; p < np; ++p) {
     const int64_t i = s.pair_i[p], k = s.pair_k[p];
@@ -148,7 +152,7 @@ struct Scratch {
 
 // t[u] = sum_i M[i, k] x[i, u] over the nonzero pairs of column k
 template <typename T>
-inline void column(const Sparsity &s, int64_t k, int64_t mul, const T *mm, const T *xg, T *__restrict t) {
+EQUIFORCE_INLINE void column(const Sparsity &s, int64_t k, int64_t mul, const T *mm, const T *xg, T *__restrict t) {
   const int64_t p0 = s.k_begin[k], p1 = s.k_begin[k + 1];
   {
     const T mv = mm[p0];
@@ -164,7 +168,7 @@ inline void column(const Sparsity &s, int64_t k, int64_t mul, const T *mm, const
 
 // forward, atoms [begin, end) (edges grouped by dst): their rows of out
 template <typename T>
-inline void forward_rows(const Inputs &in, const Args<T> &a, int64_t begin, int64_t end) {
+EQUIFORCE_INLINE void forward_rows(const Inputs &in, const Args<T> &a, int64_t begin, int64_t end) {
   Scratch<T> sc(in);
   T *__restrict t = sc.t.data();
   for (int64_t n = begin; n < end; ++n) {
@@ -195,7 +199,7 @@ inline void forward_rows(const Inputs &in, const Args<T> &a, int64_t begin, int6
 // backward pass A, rows [begin, end) of w (edges grouped by windex): gw rows, and gsh of their edges.
 // Edges sharing a row of w (reverse pairs) are handled by the same iteration: no write conflicts.
 template <typename T>
-inline void backward_weights(const Inputs &in, const Args<T> &a, int64_t begin, int64_t end) {
+EQUIFORCE_INLINE void backward_weights(const Inputs &in, const Args<T> &a, int64_t begin, int64_t end) {
   Scratch<T> sc(in);
   T *__restrict t = sc.t.data();
   T *__restrict wg = sc.wg.data();
@@ -255,7 +259,7 @@ inline void backward_weights(const Inputs &in, const Args<T> &a, int64_t begin, 
 
 // backward pass B, atoms [begin, end) (edges grouped by src): their rows of gx
 template <typename T>
-inline void backward_inputs(const Inputs &in, const Args<T> &a, int64_t begin, int64_t end) {
+EQUIFORCE_INLINE void backward_inputs(const Inputs &in, const Args<T> &a, int64_t begin, int64_t end) {
   Scratch<T> sc(in);
   T *__restrict wg = sc.wg.data();
   for (int64_t n = begin; n < end; ++n) {
@@ -306,8 +310,9 @@ EQUIFORCE_PASS(inputs_pass, backward_inputs)
 Inputs check_inputs(const Tensor &x, const Tensor &sh, const Tensor &w, const Tensor &windex, const Tensor &src,
                     const Tensor &dst, int64_t n, const Tensor &groups, const Tensor &kpath, const Tensor &cg) {
   const char *op = "equiforce::tp_scatter: ";
-  TORCH_CHECK(x.device().is_cpu() && sh.device().is_cpu() && w.device().is_cpu(), op,
-              "runs on the CPU only (the model uses its PyTorch path on other devices)");
+  for (const Tensor *t : {&x, &sh, &w, &windex, &src, &dst, &groups, &kpath, &cg})
+    TORCH_CHECK(t->device().is_cpu(), op, "runs on the CPU only and got a tensor on ", t->device(),
+                " (models take their PyTorch path on other devices)");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == n, op, "x must be [n, Dx] with n = ", n, ", got ", x.sizes());
   TORCH_CHECK(sh.dim() == 2 && w.dim() == 2 && windex.dim() == 1 && src.dim() == 1 && dst.dim() == 1, op,
               "sh [E, Dsh], w [U, W], windex [E], src [E], dst [E] expected");
@@ -336,7 +341,7 @@ Inputs check_inputs(const Tensor &x, const Tensor &sh, const Tensor &w, const Te
     TORCH_CHECK(G.sh_off >= 0 && G.sh_off + G.d2 <= in.dsh, op, "group harmonic block outside sh");
     TORCH_CHECK(G.cg_off >= 0 && G.cg_off + G.d2 * G.d1 * G.d3 <= ncg, op, "group CG block outside cg");
     TORCH_CHECK(G.k_off >= 0 && G.k_off + G.d3 <= nk, op, "group columns outside kpath");
-    TORCH_CHECK(G.out_off >= 0, op, "bad group table");
+    TORCH_CHECK(G.out_off >= 0 && G.w_off >= 0, op, "bad group table");
     in.dout = std::max(in.dout, G.out_off + G.d3 * G.mul);
     in.max_mul = std::max(in.max_mul, G.mul);
   }
@@ -444,8 +449,9 @@ class TpScatter : public torch::autograd::Function<TpScatter> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grads) {
     TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "equiforce::tp_scatter has no second derivative (create_graph=True). Models that are "
-                "trained on forces run the PyTorch path: model.use_fused_kernels(False)");
+                "equiforce::tp_scatter has no second derivative (create_graph=True). Train on forces with "
+                "the PyTorch path (model.use_fused_kernels(False), the default for training); for second "
+                "derivatives of an exported file, export it with `equiforce export --portable`");
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &sh = saved[1], &w = saved[2], &windex = saved[3], &src = saved[4],
                  &dst = saved[5], &groups = saved[6], &kpath = saved[7], &cg = saved[8];
@@ -481,7 +487,7 @@ template <typename T>
 void pair_edges(const int64_t *dst, const int64_t *src, const T *v, int64_t e, int64_t n, int64_t *partner) {
   std::vector<int64_t> ptr, order;
   Tensor dst_t = torch::from_blob(const_cast<int64_t *>(dst), {e}, torch::kInt64);
-  group_edges(dst_t, n, "edge_index[0]", ptr, order);
+  group_edges(dst_t, n, "edge_index[0]", ptr, order, "equiforce::radial_pairs");
   at::parallel_for(0, e, 1024, [&](int64_t b, int64_t end) {
     for (int64_t a = b; a < end; ++a) {
       const int64_t i = dst[a], j = src[a];

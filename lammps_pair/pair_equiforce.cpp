@@ -439,9 +439,32 @@ void PairEquiforce::image_edges(const std::vector<int> &compact, int row0,
       }
       edges.push_back(row0 + compact[i]);
       edges.push_back(row);
-      for (int d = 0; d < 3; d++) shifts.push_back(x[j][d] - row_x[3 * row + d]);
+      double s[3] = {x[j][0] - row_x[3 * row], x[j][1] - row_x[3 * row + 1], x[j][2] - row_x[3 * row + 2]};
+      if (j >= nlocal) lattice_shift(s);
+      shifts.insert(shifts.end(), s, s + 3);
     }
   }
+}
+
+/* ----------------------------------------------------------------------
+   replace a ghost's shift x_ghost - x_owner (a lattice vector up to the rounding of LAMMPS' image
+   coordinates) by n_a a + n_b b + n_c c computed from the integers, so that the two directions of
+   an edge across the boundary get shifts that are exact negatives of each other: the model then
+   pairs them and evaluates their radial weights once (equiforce::radial_pairs). A shift that is not
+   within 1e-6 box lengths of a lattice vector is kept as it is.
+------------------------------------------------------------------------- */
+
+void PairEquiforce::lattice_shift(double *s) const {
+  const double xprd = domain->xprd, yprd = domain->yprd, zprd = domain->zprd;
+  const double xy = domain->xy, xz = domain->xz, yz = domain->yz;
+  const double nc = domain->zperiodic ? std::nearbyint(s[2] / zprd) : 0.0;
+  const double nb = domain->yperiodic ? std::nearbyint((s[1] - nc * yz) / yprd) : 0.0;
+  const double na = domain->xperiodic ? std::nearbyint((s[0] - nb * xy - nc * xz) / xprd) : 0.0;
+  const double exact[3] = {na * xprd + nb * xy + nc * xz, nb * yprd + nc * yz, nc * zprd};
+  const double tol = 1e-6 * std::max(xprd, std::max(yprd, zprd));
+  for (int d = 0; d < 3; d++)
+    if (std::fabs(exact[d] - s[d]) > tol) return;
+  for (int d = 0; d < 3; d++) s[d] = exact[d];
 }
 
 /* ----------------------------------------------------------------------

@@ -49,6 +49,7 @@ class PairEquiforce : public Pair {
   void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                       int &n_local);
   int select_local(std::vector<int> &atoms, std::vector<int> &compact);
+  void lattice_shift(double *s) const;
   void image_edges(const std::vector<int> &compact, int row0, const std::unordered_map<tagint, int> &row_of_tag,
                    const double *row_x, std::vector<int64_t> &edges, std::vector<double> &shifts,
                    const std::string &missing);

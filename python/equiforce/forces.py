@@ -37,6 +37,12 @@ def forces_virial_from_edge_grad(
 
     ``edge_grad`` may be None (no edges, or energy independent of geometry): zeros are returned.
     ``edge_graph`` [E] is the graph index of each edge.
+
+    Only these sums are physical: with a model's inference kernels on (reverse edges share their
+    radial weights, :meth:`equiforce.model.EquiforceModel.use_fused_kernels`) the radial part of
+    one edge's gradient is credited to its reverse edge, which leaves forces and per-graph virials
+    unchanged but not per-edge gradients (a per-atom virial or heat flux built from them would need
+    the PyTorch path).
     """
     if edge_grad is None:
         forces = torch.zeros((n_atoms, 3), dtype=edge_vec.dtype, device=edge_vec.device)

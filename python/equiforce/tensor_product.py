@@ -349,7 +349,8 @@ class FusedTensorProduct(nn.Module):
         super().__init__()
         if not load_ops():
             raise RuntimeError(f"the compiled equiforce ops are not available ({ops_error()}); reinstall "
-                               "equiforce (pip install --no-build-isolation .) or keep fused kernels off")
+                               "equiforce (pip install --no-build-isolation .), or keep fused kernels off "
+                               "(model.for_export(fused=False), `equiforce export --portable`)")
         self.mpath_d3 = list(tp.mpath_d3)
         self.mpath_muls = list(tp.mpath_muls)
         self.register_buffer("groups", tp.fused_groups.clone(), persistent=False)
@@ -379,7 +380,8 @@ class RadialPairing(nn.Module):
     def __init__(self):
         super().__init__()
         if not load_ops():
-            raise RuntimeError(f"the compiled equiforce ops are not available ({ops_error()})")
+            raise RuntimeError(f"the compiled equiforce ops are not available ({ops_error()}); reinstall "
+                               "equiforce, or keep fused kernels off (`equiforce export --portable`)")
 
     def forward(self, edge_index: Tensor, edge_vec: Tensor, n: int) -> Tuple[Tensor, Tensor]:
         return torch.ops.equiforce.radial_pairs(edge_index, edge_vec.detach(), n)
