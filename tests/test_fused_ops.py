@@ -1,7 +1,7 @@
 """The compiled message-passing ops (cpp/equiforce_ops.cpp): ``equiforce::tp_scatter`` and
 ``equiforce::radial_pairs``, against independent references.
 
-* the PyTorch path of the same model (itself checked against e3nn in test_tensor_product.py):
+* the PyTorch path of the same model (itself checked against e3nn in test_equivariant_core.py):
   energies, per-atom energies, forces and virial in float64 to 1e-12 relative;
 * finite differences (``torch.autograd.gradcheck``, float64) for every input gradient of the op;
 * LAMMPS (serial, ghost shell, 2 MPI ranks) and OpenMM running the fused exported file against
@@ -131,10 +131,10 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_no_edges_gives_zero_messages():
     """E = 0: the op returns exact zeros (its output is torch.empty, zeroed row by row) and an
     exported model gives every atom its per-species shift."""
-    tp, x, sh, w, windex, src, dst, n = op_inputs()
+    tp, ftp, x, sh, w, windex, src, dst, n = op_inputs()
     none = torch.zeros(0, dtype=torch.long)
-    out = torch.ops.equiforce.tp_scatter(x, sh[:0], w, none, none, none, n, tp.fused_groups, tp.fused_kpath,
-                                         tp.cg.to(F64))
+    out = torch.ops.equiforce.tp_scatter(x, sh[:0], w, none, none, none, n, ftp.groups, ftp.kpath,
+                                         ftp.cg)
     assert out.shape[0] == n and out.shape[1] > 0 and torch.equal(out, torch.zeros_like(out))
     model = make_model(lmax=1).for_export()
     species = torch.tensor([0, 1, 1])
@@ -159,25 +159,26 @@ def op_inputs(seed=0, shared_rows=True, irreps="natural"):
     n, e = 5, 14
     src = torch.randint(0, n, (e,), generator=g)
     dst = torch.randint(0, n, (e,), generator=g)
-    dx = sum(d * m for d, m in zip(tp.set_dims, tp.set_muls))
+    ftp = FusedTensorProduct(tp).double()
+    dx = sum(d * m for d, m in zip(ftp.set_dims, ftp.set_muls))
     x = torch.randn(n, dx, dtype=F64, generator=g)
     sh = torch.randn(e, tp.irreps_sh.dim, dtype=F64, generator=g)
     rows = e // 2 + 1 if shared_rows else e
     windex = torch.randint(0, rows, (e,), generator=g) if shared_rows else torch.arange(e)
     w = torch.randn(rows, tp.weight_numel, dtype=F64, generator=g)
-    return tp, x, sh, w, windex, src, dst, n
+    return tp, ftp, x, sh, w, windex, src, dst, n
 
 
 @pytest.mark.parametrize("irreps", list(OP_IRREPS))
 @pytest.mark.parametrize("shared_rows", [False, True])
 def test_tp_scatter_gradients_equal_finite_differences(shared_rows, irreps):
-    tp, x, sh, w, windex, src, dst, n = op_inputs(shared_rows=shared_rows, irreps=irreps)
+    tp, ftp, x, sh, w, windex, src, dst, n = op_inputs(shared_rows=shared_rows, irreps=irreps)
     if irreps == "both":
         assert any(len(blocks) > 1 for blocks in tp.gather_sets)  # merged groups are exercised
-    cg = tp.cg.to(F64)
+    cg = ftp.cg
 
     def f(x_, sh_, w_):
-        return torch.ops.equiforce.tp_scatter(x_, sh_, w_, windex, src, dst, n, tp.fused_groups, tp.fused_kpath, cg)
+        return torch.ops.equiforce.tp_scatter(x_, sh_, w_, windex, src, dst, n, ftp.groups, ftp.kpath, cg)
 
     args = tuple(t.clone().requires_grad_(True) for t in (x, sh, w))
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -185,18 +186,18 @@ def test_tp_scatter_gradients_equal_finite_differences(shared_rows, irreps):
 
 @pytest.mark.parametrize("irreps", list(OP_IRREPS))
 def test_tp_scatter_forward_equals_gather_product_scatter(irreps):
-    tp, x, sh, w, windex, src, dst, n = op_inputs(irreps=irreps)
-    out = FusedTensorProduct(tp).double()(split_sets(tp, x), sh, w, windex, src, dst, n)
-    xs = [h.index_select(0, src) for h in split_sets(tp, x)]
+    tp, ftp, x, sh, w, windex, src, dst, n = op_inputs(irreps=irreps)
+    out = ftp(split_sets(ftp, x), sh, w, windex, src, dst, n)
+    xs = [h.index_select(0, src) for h in split_sets(ftp, x)]
     msgs = tp.forward_merged(xs, sh, w.index_select(0, windex))
     for a, m in zip(out, msgs):
         ref = torch.zeros((n,) + m.shape[1:], dtype=F64).index_add(0, dst, m)
         assert_close(ref, a, REL)
 
 
-def split_sets(tp, x):
-    sizes = [d * m for d, m in zip(tp.set_dims, tp.set_muls)]
-    return [b.reshape(x.shape[0], d, m) for b, d, m in zip(torch.split(x, sizes, dim=1), tp.set_dims, tp.set_muls)]
+def split_sets(ftp, x):
+    sizes = [d * m for d, m in zip(ftp.set_dims, ftp.set_muls)]
+    return [b.reshape(x.shape[0], d, m) for b, d, m in zip(torch.split(x, sizes, dim=1), ftp.set_dims, ftp.set_muls)]
 
 
 def test_second_derivative_is_refused_with_a_clear_message():
@@ -211,11 +212,11 @@ def test_second_derivative_is_refused_with_a_clear_message():
 
 @pytest.mark.parametrize("what", ["src", "dst", "windex", "dtype", "kpath", "groups"])
 def test_tp_scatter_bad_input_is_a_clear_error(what):
-    tp, x, sh, w, windex, src, dst, n = op_inputs()
+    tp, ftp, x, sh, w, windex, src, dst, n = op_inputs()
     match = {"src": "src index 7 of edge 0 is outside", "dst": "dst index -1 of edge 0 is outside",
              "windex": "windex index 99 of edge 0 is outside", "dtype": "must share one dtype",
              "kpath": "group weights outside w", "groups": "group input block outside x"}[what]
-    groups, kpath = tp.fused_groups, tp.fused_kpath
+    groups, kpath = ftp.groups, ftp.kpath
     if what == "kpath":
         kpath = kpath.clone(); kpath[-1] = 50
     elif what == "groups":
@@ -229,7 +230,7 @@ def test_tp_scatter_bad_input_is_a_clear_error(what):
     else:
         sh = sh.float()
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.equiforce.tp_scatter(x, sh, w, windex, src, dst, n, groups, kpath, tp.cg)
+        torch.ops.equiforce.tp_scatter(x, sh, w, windex, src, dst, n, groups, kpath, ftp.cg)
 
 
 # ---- reverse-edge pairing ------------------------------------------------------------------------

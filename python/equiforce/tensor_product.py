@@ -40,7 +40,7 @@ the merged outputs as the original paths again. Without any mergeable blocks (``
 
 Fused kernels. :class:`FusedTensorProduct` runs gather, merged groups and scatter-sum of one layer
 in the compiled op ``equiforce::tp_scatter`` (``cpp/equiforce_ops.cpp``, CPU, first derivatives),
-from the tables :meth:`EdgeTensorProduct._build_fused_tables` derives from the merged groups;
+with tables derived from the merged groups;
 :class:`RadialPairing` finds the reverse edges that share radial weights. Both are used by exported
 models (:meth:`equiforce.model.EquiforceModel.use_fused_kernels`) and tested against the PyTorch
 path above, which stays the reference and the path for training and GPUs.
@@ -84,9 +84,6 @@ class EdgeTensorProduct(nn.Module):
     mpath_muls: List[int]
     mpath_members: List[List[int]]
     mpath_member_muls: List[List[int]]
-    set_dims: List[int]
-    set_muls: List[int]
-    mpath_d3: List[int]
 
     def __init__(self, irreps_in: Irreps, irreps_sh: Irreps, allowed_out: Set[Irrep]):
         super().__init__()
@@ -152,7 +149,6 @@ class EdgeTensorProduct(nn.Module):
         self.irreps_out = Irreps(out_blocks)
         self.weight_numel = w_off
         self._build_merged(out_blocks)
-        self._build_fused_tables()
 
     def _build_merged(self, out_blocks: List[Tuple[int, Tuple[int, int]]]) -> None:
         """Merged groups (module docstring): original groups with equal ``(l1, l2, [l3...])``.
@@ -218,35 +214,6 @@ class EdgeTensorProduct(nn.Module):
         identity = perm == list(range(len(perm)))
         self.register_buffer("weight_perm", torch.tensor([] if identity else perm, dtype=torch.long),
                              persistent=False)
-
-    def _build_fused_tables(self) -> None:
-        """Tables of ``equiforce::tp_scatter`` (layouts in ``cpp/equiforce_ops.cpp``) for the merged
-        groups: non-persistent buffers ``fused_groups`` [G, 10] and ``fused_kpath`` [sum of d3], and
-        ``set_dims`` / ``set_muls`` (irrep dimension and channels of each gather set) and ``mpath_d3``
-        (output dimension of each merged path)."""
-        self.set_dims = [self.in_dims[blocks[0]] for blocks in self.gather_sets]
-        self.set_muls = [sum(self.in_muls[b] for b in blocks) for blocks in self.gather_sets]
-        set_off = [0]
-        for d, m in zip(self.set_dims, self.set_muls):
-            set_off.append(set_off[-1] + d * m)
-        sh_off = [0]
-        for size in self.sh_sizes:
-            sh_off.append(sh_off[-1] + size)
-        rows: List[List[int]] = []
-        kpath: List[int] = []
-        mpath_d3: List[int] = []
-        out_off, w_off = 0, 0
-        for k, grp in enumerate(self.mgroups):
-            s, i2, d1, d2, cg_off, d3, mul = grp[0], grp[2], grp[3], grp[4], grp[5], grp[6], grp[7]
-            rows.append([set_off[s], d1, mul, sh_off[i2], d2, cg_off, d3, out_off, w_off, len(kpath)])
-            for t, dt in enumerate(self.mgroup_d3[k]):
-                kpath.extend([t] * dt)
-                mpath_d3.append(dt)
-            out_off += d3 * mul
-            w_off += len(self.mgroup_d3[k]) * mul
-        self.mpath_d3 = mpath_d3
-        self.register_buffer("fused_groups", torch.tensor(rows, dtype=torch.long), persistent=False)
-        self.register_buffer("fused_kpath", torch.tensor(kpath, dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor, sh: Tensor, weight: Tensor) -> Tensor:
         """Mul-major in and out: ``x`` [E, irreps_in.dim] -> [E, irreps_out.dim]."""
@@ -336,12 +303,14 @@ class EdgeTensorProduct(nn.Module):
 
 class FusedTensorProduct(nn.Module):
     """Gather, tensor product and scatter-sum of an :class:`EdgeTensorProduct` in one compiled op
-    (``equiforce::tp_scatter``, CPU; tables from the product's ``fused_groups`` / ``fused_kpath``).
+    (``equiforce::tp_scatter``, CPU; tables derived from the product's merged groups).
 
     A separate module so that a model without it never mentions the op: TorchScript does not compile
     the branch of an attribute that is None, and exported files stay loadable by plain libtorch.
     """
 
+    set_dims: List[int]
+    set_muls: List[int]
     mpath_d3: List[int]
     mpath_muls: List[int]
 
@@ -351,11 +320,38 @@ class FusedTensorProduct(nn.Module):
             raise RuntimeError(f"the compiled equiforce ops are not available ({ops_error()}); reinstall "
                                "equiforce (pip install --no-build-isolation .), or keep fused kernels off "
                                "(model.for_export(fused=False), `equiforce export --portable`)")
-        self.mpath_d3 = list(tp.mpath_d3)
-        self.mpath_muls = list(tp.mpath_muls)
-        self.register_buffer("groups", tp.fused_groups.clone(), persistent=False)
-        self.register_buffer("kpath", tp.fused_kpath.clone(), persistent=False)
+        self._build_tables(tp)
         self.register_buffer("cg", tp.cg.clone(), persistent=False)
+
+    def _build_tables(self, tp: EdgeTensorProduct) -> None:
+        """The op's tables (layouts in ``cpp/equiforce_ops.cpp``) from the merged groups of ``tp``:
+        non-persistent buffers ``groups`` [G, 10] and ``kpath`` [sum of d3], and ``set_dims`` /
+        ``set_muls`` (irrep dimension and channels of each gather set, the blocks of the op's input),
+        ``mpath_d3`` / ``mpath_muls`` (output dimension and channels of each merged path)."""
+        self.set_dims = [tp.in_dims[blocks[0]] for blocks in tp.gather_sets]
+        self.set_muls = [sum(tp.in_muls[b] for b in blocks) for blocks in tp.gather_sets]
+        set_off = [0]
+        for d, m in zip(self.set_dims, self.set_muls):
+            set_off.append(set_off[-1] + d * m)
+        sh_off = [0]
+        for size in tp.sh_sizes:
+            sh_off.append(sh_off[-1] + size)
+        rows: List[List[int]] = []
+        kpath: List[int] = []
+        mpath_d3: List[int] = []
+        out_off, w_off = 0, 0
+        for k, grp in enumerate(tp.mgroups):
+            s, i2, d1, d2, cg_off, d3, mul = grp[0], grp[2], grp[3], grp[4], grp[5], grp[6], grp[7]
+            rows.append([set_off[s], d1, mul, sh_off[i2], d2, cg_off, d3, out_off, w_off, len(kpath)])
+            for t, dt in enumerate(tp.mgroup_d3[k]):
+                kpath.extend([t] * dt)
+                mpath_d3.append(dt)
+            out_off += d3 * mul
+            w_off += len(tp.mgroup_d3[k]) * mul
+        self.mpath_d3 = mpath_d3
+        self.mpath_muls = list(tp.mpath_muls)
+        self.register_buffer("groups", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("kpath", torch.tensor(kpath, dtype=torch.long), persistent=False)
 
     def forward(self, hs: List[Tensor], sh: Tensor, weight: Tensor, weight_index: Tensor, src: Tensor,
                 dst: Tensor, n: int) -> List[Tensor]:
