@@ -22,6 +22,8 @@ from equiforce.neighbors import neighbor_list
 from equiforce.ops import ops_library_path
 from equiforce.tensor_product import EdgeTensorProduct, FusedTensorProduct
 from equiforce.irreps import Irreps, spherical_harmonics_irreps
+from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, write_data
+from test_lammps import assert_matches, bulk, triclinic
 
 F64 = torch.float64
 SPECIES = ["Si", "C"]
@@ -302,12 +304,6 @@ def test_portable_file_loads_in_plain_torch_and_fused_file_names_the_missing_op(
     assert abs(e_portable - e_fused) < 1e-12 * max(1.0, abs(e_portable))
 
 
-def _lammps_structures():
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_lammps import bulk, triclinic
-    return {"bulk": bulk, "triclinic": triclinic}
-
-
 @pytest.mark.parametrize("name,nprocs,style", [
     ("bulk", 1, "pair_style equiforce device cpu"),
     ("triclinic", 1, "pair_style equiforce path ghost_shell"),
@@ -316,11 +312,7 @@ def _lammps_structures():
 def test_lammps_runs_the_fused_file(exported, tmp_path, name, nprocs, style):
     """LAMMPS with the fused file vs Python with the portable file (PyTorch path) on the same
     structure: energy 1e-10 eV/atom, forces 1e-9 eV/Å, per-atom energies, pressure 1e-8."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, write_data
-    from test_lammps import assert_matches
-
-    s = _lammps_structures()[name]()
+    s = {"bulk": bulk, "triclinic": triclinic}[name]()
     data = str(tmp_path / "s.data")
     write_data(data, s, SPECIES)
     ref = python_reference(exported["portable"], s)
@@ -341,10 +333,9 @@ def test_openmm_runs_the_fused_file(exported, platform):
     from openmm import app, unit
 
     from equiforce.openmm import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, create_force
-    from test_lammps import triclinic
 
     s = triclinic()
-    ref = python_reference_openmm(exported["portable"], s)
+    ref = python_reference(exported["portable"], s)
     top = app.Topology()
     chain = top.addChain()
     for sym in s.symbols:
@@ -363,10 +354,3 @@ def test_openmm_runs_the_fused_file(exported, platform):
     f = np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
     assert abs(e - ref["energy"] * EV_TO_KJ_PER_MOL) < 1e-7 * max(1.0, abs(e))
     np.testing.assert_allclose(f, ref["forces"] * EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM, rtol=0, atol=1e-6)
-
-
-def python_reference_openmm(path, s):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from lammps_util import python_reference
-    return python_reference(path, s)
-
