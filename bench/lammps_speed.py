@@ -21,7 +21,7 @@ boundary costs 5 %).
 
 Every process runs one torch thread (OMP_NUM_THREADS=1): 1 rank uses 1 core, 2 ranks 2 cores.
 All three run the file the same way: TorchScript graph optimiser off (as the C++ runtime) and
-glibc malloc tuned (`equiforce.allocator.tune_malloc`, which the plugin applies itself).
+glibc malloc tuned (`equiforce.deploy.allocator.tune_malloc`, which the plugin applies itself).
 Prints a table and writes bench/results/lammps_speed.json.
 
     .venv/bin/python bench/lammps_speed.py [--quick] [--sizes 64 512] [--dtypes float64]
@@ -60,8 +60,8 @@ def fcc(n_atoms: int, seed: int = 0):
 
 
 def export_bench_model(path: str, dtype: torch.dtype) -> None:
-    from equiforce.export import export_model
-    from equiforce.model import EquiforceModel, ModelConfig
+    from equiforce.deploy.export import export_model
+    from equiforce.model.network import EquiforceModel, ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(r_max=5.0, channels=32, lmax=1, num_layers=3, avg_num_neighbors=42.0)
@@ -121,7 +121,7 @@ def openmm_worker(model: str, n: int, steps: int) -> None:
     only force on the fcc crystal of n atoms; prints one JSON line."""
     import openmm
 
-    from equiforce.allocator import tune_malloc
+    from equiforce.deploy.allocator import tune_malloc
     from equiforce.openmm import create_force
 
     tune_malloc()  # as the LAMMPS plugin does, so all three columns run with the same allocator
@@ -155,7 +155,7 @@ def openmm_steps_per_s(model: str, n: int, steps: int) -> Dict[str, float]:
 
 def python_seconds(model_path: str, pos: np.ndarray, cell: np.ndarray, repeats: int) -> float:
     """Median seconds of one exported-module call (energy, forces, virial); neighbour list outside."""
-    from equiforce.export import load_exported
+    from equiforce.deploy.export import load_exported
 
     module, meta = load_exported(model_path)
     dt = torch.float64 if meta["dtype"] == "float64" else torch.float32
@@ -164,7 +164,7 @@ def python_seconds(model_path: str, pos: np.ndarray, cell: np.ndarray, repeats: 
 
 
 def _python_seconds(module, meta, pos, cell, repeats, dt) -> float:
-    from equiforce.neighbors import neighbor_list
+    from equiforce.data.neighbors import neighbor_list
 
     p = torch.tensor(pos, dtype=dt)
     c = torch.tensor(cell, dtype=dt)
@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtypes = args.dtypes or (["float64"] if args.quick else ["float32", "float64"])
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    from equiforce.allocator import tune_malloc
+    from equiforce.deploy.allocator import tune_malloc
 
     tune_malloc()  # the LAMMPS plugin tunes glibc malloc itself: compare like with like
 

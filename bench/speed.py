@@ -330,7 +330,7 @@ def main(argv=None) -> int:
                                            "(quick 512,4096); 'none' to skip")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
     p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                   help="glibc allocator of every worker, peers included: 'tuned' (equiforce.allocator."
+                   help="glibc allocator of every worker, peers included: 'tuned' (equiforce.deploy.allocator."
                         "tune_malloc: freed blocks stay in the heap, what the LAMMPS plugin does) or "
                         "'default' (default tuned)")
     p.add_argument("--max-rss-gb", type=float, help="kill a worker above this RSS (default 70%% of "

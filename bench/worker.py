@@ -12,7 +12,7 @@ has ``"ok"``; failures carry ``"error"`` (a one-line message) and ``"trace"``.
 op         request fields                                              answer fields
 =========  ==========================================================  ===============================
 hello      threads, malloc ("tuned": glibc thresholds of               backend, versions, pid, threads,
-           equiforce.allocator, for every backend alike; "default")    malloc
+           equiforce.deploy.allocator, for every backend alike; "default")    malloc
 build      dtype ("float32"/"float64"), config (backend's settings),   num_params, description
            species (list of element symbols), avg_num_neighbors
 time       structure (path to .npz: pos, cell, numbers, edge_index     times_s (one per repeat),
@@ -67,7 +67,7 @@ def reset_peak_rss() -> bool:
 
 
 def _tune_malloc() -> bool:
-    """equiforce.allocator.tune_malloc, loaded from its file (peer venvs do not have equiforce;
+    """equiforce.deploy.allocator.tune_malloc, loaded from its file (peer venvs do not have equiforce;
     the module needs only the standard library)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python", "equiforce",
@@ -125,7 +125,7 @@ class EquiforceBackend(Backend):
         super().__init__()
         self.exported = exported
         import equiforce
-        from equiforce.forces import energy_forces_virial
+        from equiforce.model.forces import energy_forces_virial
         self._efv = energy_forces_virial
         self._version = equiforce.__version__
         self._tmp = None
@@ -136,7 +136,7 @@ class EquiforceBackend(Backend):
         return v
 
     def build(self, dtype, config, species, avg_num_neighbors):
-        from equiforce.model import EquiforceModel, ModelConfig
+        from equiforce.model.network import EquiforceModel, ModelConfig
         cfg = ModelConfig.from_dict(dict(config, avg_num_neighbors=avg_num_neighbors))
         torch.manual_seed(0)  # eager and exported workers get the same random weights
         # cast first: for_export() evaluates the isolated-atom reference in the buffers' dtype
@@ -144,7 +144,7 @@ class EquiforceBackend(Backend):
         nparams = _num_params(model)
         if self.exported:
             import tempfile
-            from equiforce.export import export_model, load_exported
+            from equiforce.deploy.export import export_model, load_exported
             if self._tmp is None:
                 self._tmp = tempfile.mkdtemp(prefix="equiforce-bench-")
             path = os.path.join(self._tmp, f"model-{dtype}.pt")
@@ -154,7 +154,7 @@ class EquiforceBackend(Backend):
             desc = f"exported TorchScript ({os.path.getsize(path)} bytes), optimized_execution(False)"
         else:
             self.models[dtype] = model.to(DTYPES[dtype]).eval()
-            desc = "eager EquiforceModel + equiforce.forces.energy_forces_virial"
+            desc = "eager EquiforceModel + equiforce.model.forces.energy_forces_virial"
         return {"num_params": nparams, "description": desc}
 
     def prepare(self, data, dtype):

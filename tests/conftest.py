@@ -57,7 +57,7 @@ def xtb_ethanol_dataset() -> str:
 
     Made once (about 3 s) and cached in ``<repo>/data_cache``; parallel workers write atomically.
     """
-    from equiforce.datagen import make_md_dataset
+    from equiforce.data.datagen import make_md_dataset
 
     return make_md_dataset("CH3CH2OH", n_frames=40, temperature_K=800.0, seed=0, stride=20,
                            equilibration_steps=200, cache_dir=os.path.join(REPO_ROOT, "data_cache"))

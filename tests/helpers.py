@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import ase
 import numpy as np
 
-from equiforce.rotations import random_rotation  # noqa: F401  (re-exported for the tests)
+from equiforce.o3.rotations import random_rotation  # noqa: F401  (re-exported for the tests)
 
 
 def random_triclinic_cell(rng: np.random.Generator, length: float = 6.0, skew: float = 0.3) -> np.ndarray:

@@ -72,7 +72,7 @@ def python_reference(model_path: str, s: Structure) -> Dict[str, np.ndarray]:
     """Energy, per-atom energies, forces, virial (and pressure tensor in bar) from the Python module."""
     from ase.neighborlist import primitive_neighbor_list
 
-    from equiforce.export import load_exported
+    from equiforce.deploy.export import load_exported
 
     module, meta = load_exported(model_path)
     pbc = [s.pbc] * 3
@@ -190,7 +190,7 @@ def import_lammps():
 
 
 def installed_plugin() -> str:
-    from equiforce.lammps import plugin_path
+    from equiforce.integrations.lammps import plugin_path
 
     path = plugin_path()
     if path is None:

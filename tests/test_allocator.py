@@ -1,4 +1,4 @@
-"""equiforce.allocator.tune_malloc: applied by default, skipped when the user opts out or tunes
+"""equiforce.deploy.allocator.tune_malloc: applied by default, skipped when the user opts out or tunes
 malloc through glibc's own environment variables (run in subprocesses: the setting is process-wide)."""
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-CODE = "from equiforce.allocator import tune_malloc; print(tune_malloc())"
+CODE = "from equiforce.deploy.allocator import tune_malloc; print(tune_malloc())"
 
 
 @pytest.mark.parametrize("env,expected", [

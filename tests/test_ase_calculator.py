@@ -11,9 +11,9 @@ import torch
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from equiforce.analytic import AnalyticMessageModel
+from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.ase import EquiforceCalculator
-from equiforce.export import ModelFileError, export_model
+from equiforce.deploy.export import ModelFileError, export_model
 from helpers import central_difference, periodic_structure, random_rotation, rel_err
 
 SPECIES = ["H", "C", "O"]

@@ -1,11 +1,11 @@
 """`equiforce check`: the symmetry audit passes on real exported models and fails on broken ones."""
 import torch
 
-from equiforce.activations import NormalizedSiLU
-from equiforce.check import format_table, run_checks
-from equiforce.export import export_model
-from equiforce.gate import Gate
-from equiforce.model import EquiforceModel, ModelConfig
+from equiforce.nn.activations import NormalizedSiLU
+from equiforce.deploy.audit import format_table, run_checks
+from equiforce.deploy.export import export_model
+from equiforce.nn.gate import Gate
+from equiforce.model.network import EquiforceModel, ModelConfig
 
 
 class PointwiseGate(torch.nn.Module):

@@ -8,10 +8,10 @@ import ase.io
 import numpy as np
 import torch
 
-from equiforce.analytic import AnalyticMessageModel
+from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.cli import main
-from equiforce.evaluate import evaluate_exported
-from equiforce.export import export_model
+from equiforce.deploy.evaluate import evaluate_exported
+from equiforce.deploy.export import export_model
 
 from test_data import LABEL_SPECIES, R_MAX, make_frames, write_dataset
 
@@ -59,8 +59,8 @@ def test_train_export_info_eval_plot(tmp_path, capsys):
     assert set(metrics) == METRIC_KEYS
     assert metrics["n_structures"] == 10 and metrics["stress_mae_mev_per_a3"] is not None
     # the exported file reproduces the metrics the trainer computed with the EMA weights of best.pt
-    from equiforce.data import load_dataset
-    from equiforce.train import evaluate_graphs, load_checkpoint, model_from_checkpoint
+    from equiforce.data.dataset import load_dataset
+    from equiforce.training.loop import evaluate_graphs, load_checkpoint, model_from_checkpoint
 
     eager, _ = model_from_checkpoint(load_checkpoint(str(run / "best.pt")))
     graphs, _ = load_dataset(data, R_MAX)
@@ -99,7 +99,7 @@ def test_config_file_and_flag_override(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--config", cfg, "--out", tmp_path / "run", "--epochs", 1,
                              "--no-progress", "--threads", "1")
     assert code == 0, err
-    from equiforce.train import load_checkpoint
+    from equiforce.training.loop import load_checkpoint
 
     state = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert state["epoch"] == 1 and state["config"]["epochs"] == 1 and state["config"]["lr"] == 5e-3

@@ -1,7 +1,7 @@
 """Data pipeline: label keys, clear errors, reproducible splits, batching (float64).
 
-Reference labels come from :class:`equiforce.analytic.AnalyticMessageModel` evaluated on edges from
-ASE's ``neighbor_list`` (independent of equiforce.neighbors). Helpers here (``make_frames``,
+Reference labels come from :class:`equiforce.model.analytic.AnalyticMessageModel` evaluated on edges from
+ASE's ``neighbor_list`` (independent of equiforce.data.neighbors). Helpers here (``make_frames``,
 ``write_dataset``) are reused by test_train.py and test_cli.py.
 """
 
@@ -13,12 +13,12 @@ import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from equiforce.analytic import AnalyticMessageModel
-from equiforce.config import DataError
-from equiforce.data import (atoms_to_graph, average_num_neighbors, collate, load_dataset, split_indices,
+from equiforce.model.analytic import AnalyticMessageModel
+from equiforce.training.config import DataError
+from equiforce.data.dataset import (atoms_to_graph, average_num_neighbors, collate, load_dataset, split_indices,
                             species_from_structures)
-from equiforce.forces import energy_forces_virial
-from equiforce.model import EquiforceModel, ModelConfig
+from equiforce.model.forces import energy_forces_virial
+from equiforce.model.network import EquiforceModel, ModelConfig
 
 F64 = torch.float64
 LABEL_SPECIES = ["H", "O"]

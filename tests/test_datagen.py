@@ -1,4 +1,4 @@
-"""GFN2-xTB reference data (equiforce.datagen): real tiny runs of tblite, checked independently.
+"""GFN2-xTB reference data (equiforce.data.datagen): real tiny runs of tblite, checked independently.
 
 References and tolerances:
 - File format: read back with ASE's own extxyz reader (``ase.io.read``); labels must equal a fresh
@@ -20,8 +20,8 @@ import pytest
 from ase.build import molecule
 from ase.io import read
 
-from equiforce import datagen
-from equiforce.datagen import DatagenError, label_structure, make_md_dataset, split_dataset
+from equiforce.data import datagen
+from equiforce.data.datagen import DatagenError, label_structure, make_md_dataset, split_dataset
 
 TINY = dict(molecule="CH3CH2OH", n_frames=3, temperature_K=800.0, stride=5, equilibration_steps=10)
 
@@ -171,7 +171,7 @@ def test_isolated_atom_references_and_split(tmp_path):
     from ase.io import read, write
     from tblite.ase import TBLite
 
-    from equiforce.datagen import ISOLATED_ATOM, isolated_atom_frames, split_dataset
+    from equiforce.data.datagen import ISOLATED_ATOM, isolated_atom_frames, split_dataset
 
     frames = isolated_atom_frames(["O", "H", "O"])
     assert [a.get_chemical_symbols()[0] for a in frames] == ["H", "O"]

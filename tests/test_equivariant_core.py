@@ -7,14 +7,14 @@ import pytest
 import torch
 from e3nn import o3
 
-from equiforce.clebsch_gordan import clebsch_gordan, wigner_D
-from equiforce.gate import Gate
-from equiforce.irreps import Irrep, Irreps, spherical_harmonics_irreps
-from equiforce.linear import Linear, SpeciesLinear
-from equiforce.model import InteractionLayer
-from equiforce.radial import BesselBasis, polynomial_cutoff
-from equiforce.spherical_harmonics import SphericalHarmonics, spherical_harmonics
-from equiforce.tensor_product import EdgeTensorProduct
+from equiforce.o3.clebsch_gordan import clebsch_gordan, wigner_D
+from equiforce.nn.gate import Gate
+from equiforce.o3.irreps import Irrep, Irreps, spherical_harmonics_irreps
+from equiforce.nn.linear import Linear, SpeciesLinear
+from equiforce.model.network import InteractionLayer
+from equiforce.nn.radial import BesselBasis, polynomial_cutoff
+from equiforce.o3.spherical_harmonics import SphericalHarmonics, spherical_harmonics
+from equiforce.nn.tensor_product import EdgeTensorProduct
 
 F64 = torch.float64
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from equiforce.export import export_model, load_exported
-from equiforce.forces import forces_virial_from_edge_grad
-from equiforce.model import EquiforceModel, ModelConfig
-from equiforce.neighbors import neighbor_list
-from equiforce.ops import ops_library_path
-from equiforce.tensor_product import EdgeTensorProduct, FusedTensorProduct
-from equiforce.irreps import Irreps, spherical_harmonics_irreps
+from equiforce.deploy.export import export_model, load_exported
+from equiforce.model.forces import forces_virial_from_edge_grad
+from equiforce.model.network import EquiforceModel, ModelConfig
+from equiforce.data.neighbors import neighbor_list
+from equiforce.deploy.ops import ops_library_path
+from equiforce.nn.tensor_product import EdgeTensorProduct, FusedTensorProduct
+from equiforce.o3.irreps import Irreps, spherical_harmonics_irreps
 from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, write_data
 from test_lammps import assert_matches, bulk, triclinic
 

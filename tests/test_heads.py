@@ -11,13 +11,13 @@ import torch
 
 from helpers import random_rotation
 
-from equiforce.config import ConfigError, DataError, TrainConfig
-from equiforce.data import collate
-from equiforce.export import export_model, load_exported
-from equiforce.forces import model_outputs
-from equiforce.model import EquiforceModel, ModelConfig
-from equiforce.neighbors import neighbor_list
-from equiforce.train import predict, rotate_batch
+from equiforce.training.config import ConfigError, DataError, TrainConfig
+from equiforce.data.dataset import collate
+from equiforce.deploy.export import export_model, load_exported
+from equiforce.model.forces import model_outputs
+from equiforce.model.network import EquiforceModel, ModelConfig
+from equiforce.data.neighbors import neighbor_list
+from equiforce.training.loop import predict, rotate_batch
 
 R_MAX = 3.0
 SPECIES = ["H", "C", "O"]
@@ -216,7 +216,7 @@ def test_dipole_model_without_dipole_head_raises_in_exported_method(tmp_path):
 def test_rotate_batch_matches_rotated_predictions():
     """Rotation augmentation rotates every label consistently (periodic cell and stress included)."""
     from helpers import periodic_structure
-    from equiforce.data import atoms_to_graph
+    from equiforce.data.dataset import atoms_to_graph
 
     rng = np.random.default_rng(2)
     atoms = periodic_structure(rng, ["C", "O", "H", "H"], length=4.0)
@@ -252,7 +252,7 @@ def test_bad_settings_and_missing_labels(tmp_path):
         frames.append(a)
     data = str(tmp_path / "nodipole.extxyz")
     ase.io.write(data, frames, format="extxyz")
-    from equiforce.train import train
+    from equiforce.training.loop import train
 
     cfg = TrainConfig.from_dict({"data": data, "out": str(tmp_path / "run"), "epochs": 1,
                                  "model": {"r_max": 3.0, "channels": 4, "lmax": 1, "num_layers": 1,

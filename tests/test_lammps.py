@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from equiforce.analytic import AnalyticMessageModel
-from equiforce.export import METADATA_FILE, export_model, load_exported
-from equiforce.lammps import plugin_dir
+from equiforce.model.analytic import AnalyticMessageModel
+from equiforce.deploy.export import METADATA_FILE, export_model, load_exported
+from equiforce.integrations.lammps import plugin_dir
 
 from lammps_util import (Structure, deck, import_lammps, installed_plugin, lammps_cell, parse_result,
                          python_reference, read_dump, run_lmp, wrap, write_data)
@@ -498,7 +498,7 @@ def test_nve_energy_drift_learned_float64(tmp_path):
     Morse binding (morse/smooth/linear, continuous forces). Total-energy change < 1e-5 eV/atom at
     the end and at every 100-step sample; the learned part must really move (its energy varies by
     far more than the total-energy error)."""
-    from equiforce.model import EquiforceModel, ModelConfig
+    from equiforce.model.network import EquiforceModel, ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(r_max=4.0, channels=4, lmax=1, num_layers=2, num_bessel=4, radial_hidden=8,

@@ -1,4 +1,4 @@
-"""Long-range electrostatics (:mod:`equiforce.longrange`) and the ``long_range = "ewald"`` model option.
+"""Long-range electrostatics (:mod:`equiforce.nn.electrostatics`) and the ``long_range = "ewald"`` model option.
 
 References: Madelung constants of rock salt (1.747564594633) and CsCl (1.762674773070), in the
 conventional cubic and the triclinic primitive cells; independence of the Ewald splitting
@@ -16,13 +16,13 @@ import torch
 
 from helpers import central_difference, random_rotation, random_triclinic_cell, rel_err
 
-from equiforce.data import collate
-from equiforce.export import export_model, load_exported
-from equiforce.forces import model_outputs
-from equiforce.longrange import (K_E, Electrostatics, electrostatic_per_atom, ewald_parameters,
+from equiforce.data.dataset import collate
+from equiforce.deploy.export import export_model, load_exported
+from equiforce.model.forces import model_outputs
+from equiforce.nn.electrostatics import (K_E, Electrostatics, electrostatic_per_atom, ewald_parameters,
                                  strain_virial)
-from equiforce.model import EquiforceModel, ModelConfig
-from equiforce.neighbors import neighbor_list
+from equiforce.model.network import EquiforceModel, ModelConfig
+from equiforce.data.neighbors import neighbor_list
 
 MADELUNG_NACL = 1.747564594633
 MADELUNG_CSCL = 1.762674773070
@@ -314,7 +314,7 @@ def test_model_invariances_and_batching():
     e_p = float(outputs(model, pos[perm], [species[k] for k in perm], cell)["energy"][0])
     assert abs(e_p - e0) < 1e-10 * abs(e0)
     # a batch of a periodic cell and a molecule equals the two evaluated alone (trainer path)
-    from equiforce.train import predict
+    from equiforce.training.loop import predict
     mol = rng.normal(size=(5, 3)) * 1.5
     graphs = []
     for p, c, pbc in ((pos, cell, True), (mol, np.zeros((3, 3)), False)):
@@ -390,7 +390,7 @@ def test_export_with_total_charge(tmp_path, periodic):
     know a structure's charge refuse a mismatch instead of returning the neutral answer."""
     import ase
 
-    from equiforce.ase_calculator import EquiforceCalculator
+    from equiforce.integrations.ase import EquiforceCalculator
 
     rng = np.random.default_rng(21)
     pos, species, cell = model_system(rng)
@@ -425,8 +425,8 @@ def test_export_with_total_charge(tmp_path, periodic):
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from equiforce.config import DataError
-    from equiforce.evaluate import evaluate_exported
+    from equiforce.training.config import DataError
+    from equiforce.deploy.evaluate import evaluate_exported
 
     frame = atoms.copy()
     frame.info["charge"] = 0.0
@@ -448,9 +448,9 @@ def test_training_run_and_cli_export(tmp_path):
     from test_data import write_dataset
 
     from equiforce.cli import main as cli_main
-    from equiforce.config import build_config
-    from equiforce.data import load_dataset
-    from equiforce.train import load_checkpoint, model_from_checkpoint, train
+    from equiforce.training.config import build_config
+    from equiforce.data.dataset import load_dataset
+    from equiforce.training.loop import load_checkpoint, model_from_checkpoint, train
 
     data = write_dataset(tmp_path / "d.extxyz", n=4, periodic=3, seed=3)
     out = tmp_path / "run"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from ase.neighborlist import neighbor_list
 
-from equiforce.export import export_model, load_exported
-from equiforce.forces import energy_forces_virial
-from equiforce import rotations
-from equiforce.model import EquiforceModel, ModelConfig
+from equiforce.deploy.export import export_model, load_exported
+from equiforce.model.forces import energy_forces_virial
+from equiforce.o3 import rotations
+from equiforce.model.network import EquiforceModel, ModelConfig
 
 F64 = torch.float64
 SPECIES = ["H", "C", "O"]

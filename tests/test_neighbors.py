@@ -1,4 +1,4 @@
-"""equiforce.neighbors.neighbor_list against ASE's neighbour list (an independent implementation).
+"""equiforce.data.neighbors.neighbor_list against ASE's neighbour list (an independent implementation).
 
 Edges are compared as sets of (i, j, cell_shift). In float64 the sets must be identical; in float32
 they may differ only by pairs whose float64 distance is within 1e-4 Å of the cutoff (the distance
@@ -10,7 +10,7 @@ import pytest
 import torch
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from equiforce.neighbors import neighbor_list
+from equiforce.data.neighbors import neighbor_list
 from helpers import random_triclinic_cell
 
 DTYPES = [torch.float64, torch.float32]

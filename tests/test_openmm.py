@@ -18,8 +18,8 @@ import openmmtorch  # noqa: F401  (registers TorchForce kernels)
 from openmm import app, unit
 from ase.neighborlist import primitive_neighbor_list
 
-from equiforce.analytic import AnalyticMessageModel
-from equiforce.export import ModelFileError, export_model, load_exported
+from equiforce.model.analytic import AnalyticMessageModel
+from equiforce.deploy.export import ModelFileError, export_model, load_exported
 from equiforce.openmm import (EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, create_force, create_mixed_system,
                               create_system, deserialize_system)
 
@@ -446,7 +446,7 @@ def test_verlet_list_reuse_is_exact(model_paths):
 
 def test_learned_model_drop_in(tmp_path):
     """The equivariant network (random weights, small) runs through the same path, exactly."""
-    from equiforce.model import EquiforceModel, ModelConfig
+    from equiforce.model.network import EquiforceModel, ModelConfig
     torch.manual_seed(0)
     model = EquiforceModel(ModelConfig(r_max=R_MAX, channels=8, lmax=1, num_layers=2), SPECIES)
     path = str(tmp_path / "learned.pt")

@@ -16,9 +16,9 @@ from ase import Atoms
 from helpers import random_rotation
 
 from equiforce.cli import main as cli_main
-from equiforce.config import TrainConfig
-from equiforce.data import load_dataset
-from equiforce.train import evaluate_graphs, load_checkpoint, model_from_checkpoint, train
+from equiforce.training.config import TrainConfig
+from equiforce.data.dataset import load_dataset
+from equiforce.training.loop import evaluate_graphs, load_checkpoint, model_from_checkpoint, train
 
 Q = {"O": -0.8, "H": 0.4}
 
@@ -99,7 +99,7 @@ def test_direct_force_training_fits_forces_with_the_head(tmp_path):
 
 def test_cli_flags_select_the_baselines(tmp_path):
     from equiforce.cli import build_parser
-    from equiforce.config import build_config
+    from equiforce.training.config import build_config
 
     args = build_parser().parse_args(["train", "--data", "x.extxyz", "--direct-forces", "--dipole", "both",
                                       "--rotation-augmentation", "--lmax", "0"])
@@ -108,7 +108,7 @@ def test_cli_flags_select_the_baselines(tmp_path):
     cfg = build_config(None, overrides)
     assert cfg.model.direct_forces and cfg.model.dipole == "both" and cfg.rotation_augmentation
     assert cfg.model.lmax == 0
-    from equiforce.config import ConfigError
+    from equiforce.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="dipole must be one of"):
         build_config(None, {"model.dipole": "quadrupole"})
@@ -121,8 +121,8 @@ def test_direct_force_model_runs_unchanged_in_lammps(tmp_path, ghost_shell):
     from lammps_util import Structure, deck, lammps_cell, parse_result, python_reference, read_dump, run_lmp, \
         wrap, write_data
 
-    from equiforce.export import export_model
-    from equiforce.model import EquiforceModel, ModelConfig
+    from equiforce.deploy.export import export_model
+    from equiforce.model.network import EquiforceModel, ModelConfig
 
     torch.manual_seed(0)
     model = EquiforceModel(ModelConfig(r_max=3.0, channels=4, lmax=1, num_layers=2, radial_hidden=8,
@@ -157,7 +157,7 @@ def test_datagen_dipole_labels_are_e_angstrom_and_rotate():
     from ase.build import molecule as ase_molecule
     from ase.units import Debye
 
-    from equiforce.datagen import dataset_parameters, label_structure
+    from equiforce.data.datagen import dataset_parameters, label_structure
 
     water = ase_molecule("H2O")
     mu = np.asarray(label_structure(water, periodic=False, dipole=True).info["dipole"])

@@ -8,8 +8,8 @@ import torch
 from ase.neighborlist import primitive_neighbor_list
 
 from equiforce import FORMAT_VERSION
-from equiforce.analytic import AnalyticMessageModel
-from equiforce.export import METADATA_FILE, export_model, load_exported
+from equiforce.model.analytic import AnalyticMessageModel
+from equiforce.deploy.export import METADATA_FILE, export_model, load_exported
 
 from equiforce import _runtime  # noqa: E402  (compiled module: pip install --no-build-isolation -e .)
 

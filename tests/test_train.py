@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from equiforce.config import CheckpointError, ConfigError, build_config
-from equiforce.data import load_dataset
-from equiforce.train import (EMA, evaluate_graphs, fit_scale_shift, init_model, load_checkpoint,
+from equiforce.training.config import CheckpointError, ConfigError, build_config
+from equiforce.data.dataset import load_dataset
+from equiforce.training.loop import (EMA, evaluate_graphs, fit_scale_shift, init_model, load_checkpoint,
                              model_from_checkpoint, train)
 
 from test_data import R_MAX, write_dataset
@@ -206,7 +206,7 @@ def test_isolated_atom_frames_become_species_shifts(tmp_path):
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from equiforce.train import is_isolated_atom, isolated_atom_energies
+    from equiforce.training.loop import is_isolated_atom, isolated_atom_energies
 
     mu = {"H": -13.6, "C": -1029.5, "O": -2041.25}
     e_iso_h = -12.9  # differs from the linear-fit value on purpose

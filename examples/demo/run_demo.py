@@ -3,7 +3,7 @@
 
 Steps (each timed; later issues append LAMMPS and OpenMM steps to STEPS):
 
-1. data     GFN2-xTB Langevin MD of ethanol (equiforce.datagen; cached in data_cache/)
+1. data     GFN2-xTB Langevin MD of ethanol (equiforce.data.datagen; cached in data_cache/)
 2. split    seeded split into train and held-out test frames (the test frames are never trained on)
 3. train    `equiforce train` of a small model with a wall-clock limit
 4. plot     `equiforce plot` learning curves (PNG)
@@ -84,7 +84,7 @@ def step_data(ctx: Context) -> str:
     a = ctx.args
     data = os.path.join(REPO, "data_cache", f"demo_{a.molecule}_{a.frames}f_{a.temperature:g}K_s{a.seed}_iso.extxyz")
     env = dict(ctx.env, OMP_NUM_THREADS="1")  # xTB of a 9-atom molecule gains nothing from threads
-    run([sys.executable, "-m", "equiforce.datagen", "--molecule", a.molecule, "--frames", str(a.frames),
+    run([sys.executable, "-m", "equiforce.data.datagen", "--molecule", a.molecule, "--frames", str(a.frames),
          "--temperature", str(a.temperature), "--seed", str(a.seed), "--isolated-atoms", "-o", data, "--quiet"],
         ctx, capture=True, env=env)
     ctx.results["data"] = data
@@ -98,7 +98,7 @@ def step_split(ctx: Context) -> str:
     import numpy as np
     from ase.io import read
     sys.path.insert(0, os.path.join(REPO, "python"))  # only for the split helper (no torch import)
-    from equiforce.datagen import split_dataset
+    from equiforce.data.datagen import split_dataset
 
     train, test = split_dataset(ctx.results["data"], ctx.args.test_fraction, seed=ctx.args.seed,
                                 out_dir=ctx.path("data"))

@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from equiforce.forces import model_outputs
-from equiforce.longrange import K_E
-from equiforce.model import EquiforceModel, ModelConfig
-from equiforce.neighbors import neighbor_list
+from equiforce.model.forces import model_outputs
+from equiforce.nn.electrostatics import K_E
+from equiforce.model.network import EquiforceModel, ModelConfig
+from equiforce.data.neighbors import neighbor_list
 
 SPECIES = ["Na", "Cl"]
 CHARGE = np.array([1.0, -1.0])

@@ -4,7 +4,7 @@
 
 Systems: the demo C2H6O cluster (9 atoms, isolated) and periodic jittered lattices of 512 and
 4096 atoms (2.2 Å spacing). "python ms" is one call of the exported TorchScript module with the
-edges precomputed ("Python model E+F"), and one fresh neighbour search (equiforce.neighbors,
+edges precomputed ("Python model E+F"), and one fresh neighbour search (equiforce.data.neighbors,
 scripted). "OpenMM ms/step" is the wall time per VerletIntegrator step: TorchForce call, unit
 conversion, Verlet-list filter (full cell-list search every few steps), integration. OpenMM minus
 model time is the wrapper's overhead. On a shared machine compare the CPU column (process time).
@@ -17,8 +17,8 @@ import openmm
 import torch
 
 from demo_systems import DEMO_POS, DEMO_SYMBOLS, demo_model_path, make_topology, periodic_lattice
-from equiforce.export import load_exported
-from equiforce.neighbors import neighbor_list
+from equiforce.deploy.export import load_exported
+from equiforce.data.neighbors import neighbor_list
 from equiforce.openmm import create_system
 
 

@@ -1,7 +1,7 @@
 """Structures and a fallback model shared by the OpenMM example scripts (units: Å unless stated).
 
 ``demo_model_path(path)`` returns ``path`` when given; otherwise it exports the analytic test
-model (``equiforce.analytic.AnalyticMessageModel``, species H, C, O, float64) to a temporary file
+model (``equiforce.model.analytic.AnalyticMessageModel``, species H, C, O, float64) to a temporary file
 so the scripts run before a trained model exists. Pass ``--model model.pt`` for a real model.
 """
 import os
@@ -25,8 +25,8 @@ def demo_model_path(path: Optional[str], dtype: str = "float64") -> str:
     if path:
         return path
     import torch
-    from equiforce.analytic import AnalyticMessageModel
-    from equiforce.export import export_model
+    from equiforce.model.analytic import AnalyticMessageModel
+    from equiforce.deploy.export import export_model
     out = os.path.join(tempfile.mkdtemp(prefix="equiforce_demo_"), f"analytic_{dtype}.pt")
     export_model(AnalyticMessageModel(["H", "C", "O"], r_max=4.0, num_layers=2), out,
                  dtype={"float64": torch.float64, "float32": torch.float32}[dtype])

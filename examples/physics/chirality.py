@@ -52,7 +52,7 @@ def chi(atoms) -> float:
 
 
 def load_eager(run_dir: str):
-    from equiforce.train import load_checkpoint, model_from_checkpoint
+    from equiforce.training.loop import load_checkpoint, model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "best.pt")))
     return model.double().eval()
@@ -60,8 +60,8 @@ def load_eager(run_dir: str):
 
 def carbon_scalars(model, atoms) -> np.ndarray:
     """Last-layer scalar features of atom 0 (carbon) of the trained eager model [C]."""
-    from equiforce.data import atoms_to_graph
-    from equiforce.forces import edge_vectors
+    from equiforce.data.dataset import atoms_to_graph
+    from equiforce.model.forces import edge_vectors
 
     g = atoms_to_graph(atoms, model.species_names, model.r_max)
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """Shared helpers of the physics demonstrations (examples/physics/*.py).
 
-Data: GFN2-xTB Langevin MD through :func:`equiforce.datagen.make_md_dataset` (cached under
-``data_cache/``). Training: :func:`equiforce.train.train` with small models on CPU. Evaluation:
-the EXPORTED file (:func:`equiforce.evaluate.evaluate_exported`, ``module.dipole``), as users run it.
+Data: GFN2-xTB Langevin MD through :func:`equiforce.data.datagen.make_md_dataset` (cached under
+``data_cache/``). Training: :func:`equiforce.training.loop.train` with small models on CPU. Evaluation:
+the EXPORTED file (:func:`equiforce.deploy.evaluate.evaluate_exported`, ``module.dipole``), as users run it.
 Results (PNG + JSON) go to ``examples/physics/results/``; run directories and models to
 ``demo_out/physics/`` (git-ignored).
 """
@@ -20,15 +20,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from equiforce.rotations import random_rotation  # noqa: E402,F401  (re-exported for the scripts)
+from equiforce.o3.rotations import random_rotation  # noqa: E402,F401  (re-exported for the scripts)
 
 RESULTS = os.path.join(REPO, "examples", "physics", "results")
 WORK = os.path.join(REPO, "demo_out", "physics")
 
 
 def make_data(molecule: str, **kwargs: Any) -> str:
-    """:func:`equiforce.datagen.make_md_dataset` with the cache in ``<repo>/data_cache`` whatever the cwd."""
-    from equiforce.datagen import make_md_dataset
+    """:func:`equiforce.data.datagen.make_md_dataset` with the cache in ``<repo>/data_cache`` whatever the cwd."""
+    from equiforce.data.datagen import make_md_dataset
 
     return make_md_dataset(molecule, cache_dir=os.path.join(REPO, "data_cache"), progress=True, **kwargs)
 
@@ -79,8 +79,8 @@ def train_model(name: str, data: str, model: Dict[str, Any], epochs: int, max_mi
     import shutil
 
     from equiforce.cli import main as cli_main
-    from equiforce.config import TrainConfig
-    from equiforce.train import train
+    from equiforce.training.config import TrainConfig
+    from equiforce.training.loop import train
 
     out = os.path.join(WORK, name)
     shutil.rmtree(out, ignore_errors=True)
@@ -106,13 +106,13 @@ class Exported:
     """An exported model file evaluated structure by structure (energy, forces, dipole)."""
 
     def __init__(self, path: str):
-        from equiforce.export import load_exported
+        from equiforce.deploy.export import load_exported
 
         self.module, self.meta = load_exported(path)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.meta["dtype"]]
 
     def graph(self, atoms):
-        from equiforce.data import atoms_to_graph
+        from equiforce.data.dataset import atoms_to_graph
 
         g = atoms_to_graph(atoms, self.meta["species"], float(self.meta["r_max"]))
         return (g["pos"].to(self.dtype), g["species"], g["edge_index"], g["edge_shift"].to(self.dtype),

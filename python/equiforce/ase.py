@@ -1,2 +1,5 @@
-"""ASE interface: ``from equiforce.ase import EquiforceCalculator``."""
-from .ase_calculator import EquiforceCalculator  # noqa: F401
+"""ASE interface (the public path): ``from equiforce.ase import EquiforceCalculator``.
+
+The code lives in :mod:`equiforce.integrations.ase`.
+"""
+from .integrations.ase import EquiforceCalculator  # noqa: F401

@@ -79,8 +79,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, build_config, read_yaml
-    from .train import RESUMABLE, train
+    from .training.config import ConfigError, build_config, read_yaml
+    from .training.loop import RESUMABLE, train
 
     if args.config and args.config_file and args.config != args.config_file:
         raise ConfigError("give the configuration once (either positional or --config)")
@@ -126,8 +126,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_model
-    from .train import load_checkpoint, model_from_checkpoint
+    from .deploy.export import export_model
+    from .training.loop import load_checkpoint, model_from_checkpoint
 
     path = args.run_dir
     if os.path.isdir(path):
@@ -147,7 +147,7 @@ def _run_export(args: argparse.Namespace) -> int:
                           "val_metrics": val, "data": os.path.basename(config.data),
                           "trained_dtype": config.dtype},
              "model_config": config.model.to_dict()}
-    from .config import UserError
+    from .training.config import UserError
 
     if args.total_charge != 0.0 and config.model.long_range == "none":
         raise UserError(f"--total-charge {args.total_charge:g}: the model of '{path}' has no long-range "
@@ -168,7 +168,7 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .export import read_metadata
+    from .deploy.export import read_metadata
 
     meta = read_metadata(args.model)
     if args.json:
@@ -193,7 +193,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_exported, format_metrics
+    from .deploy.evaluate import evaluate_exported, format_metrics
 
     metrics = evaluate_exported(args.model, args.data, args.energy_key, args.forces_key, args.stress_key,
                                 args.dipole_key, args.charge_key)
@@ -207,7 +207,7 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .training.plot import plot_run
 
     print(plot_run(args.run_dir, args.output))
     return 0
@@ -219,7 +219,7 @@ def _add_check(p: argparse.ArgumentParser) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from .check import format_table, run_checks
+    from .deploy.audit import format_table, run_checks
 
     meta, results = run_checks(args.model, seed=args.seed)
     print(format_table(meta, results))
@@ -227,14 +227,14 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _add_datagen(p: argparse.ArgumentParser) -> None:
-    from .datagen import build_parser as datagen_parser
+    from .data.datagen import build_parser as datagen_parser
 
     datagen_parser(p)
 
 
 def _run_datagen(args: argparse.Namespace) -> int:
-    from .config import UserError
-    from .datagen import DatagenError, run_from_args
+    from .training.config import UserError
+    from .data.datagen import DatagenError, run_from_args
 
     try:
         run_from_args(args)
@@ -249,10 +249,10 @@ def _add_nothing(p: argparse.ArgumentParser) -> None:
 
 def _run_lammps_plugin_dir(args: argparse.Namespace) -> int:
     try:
-        from .lammps import plugin_dir
+        from .integrations.lammps import plugin_dir
     except ImportError:
-        from .config import UserError
-        raise UserError("this equiforce installation has no LAMMPS plugin (equiforce.lammps is missing); "
+        from .training.config import UserError
+        raise UserError("this equiforce installation has no LAMMPS plugin (equiforce.integrations.lammps is missing); "
                         "reinstall with the C++ parts built") from None
     print(plugin_dir())
     return 0
@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``equiforce`` script; returns the exit status."""
-    from .config import UserError
-    from .export import ModelFileError
+    from .training.config import UserError
+    from .deploy.export import ModelFileError
 
     parser = build_parser()
     args = parser.parse_args(argv)

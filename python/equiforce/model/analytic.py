@@ -3,7 +3,7 @@
 They let every engine boundary (export, LAMMPS, OpenMM, ASE) be tested on its own, without a
 network: their energies are known in closed form and cheap to recompute independently.
 
-Interface shared with :class:`equiforce.model.EquiforceModel` (the "energy model" contract)::
+Interface shared with :class:`equiforce.model.network.EquiforceModel` (the "energy model" contract)::
 
     per_atom_energy = model(species, edge_index, edge_vec, batch, num_graphs)
     # species [N] int64, edge_index [2, E] int64, edge_vec [E, 3] (Å), batch [N] int64 -> [N] (eV)
@@ -15,8 +15,8 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from .radial import polynomial_cutoff
-from .scatter import scatter_sum
+from ..nn.radial import polynomial_cutoff
+from ..nn.scatter import scatter_sum
 
 
 class AnalyticMessageModel(nn.Module):

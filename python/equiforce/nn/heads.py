@@ -5,7 +5,7 @@ Shapes: ``N`` atoms, ``B`` structures, ``C`` channels. Features ``x`` [N, dim] a
 last interaction layer, laid out ``C x 0e`` (scalars) first, then, when the model was built with a
 vector output, ``C x 1`` (``1o`` in O(3) mode: a polar vector that flips under inversion; ``1e`` in
 SE(3) mode, where parity is not tracked). The l=1 components are Cartesian ``(x, y, z)`` (see
-:mod:`equiforce.spherical_harmonics`).
+:mod:`equiforce.o3.spherical_harmonics`).
 
 * :class:`VectorHead` -- ``k`` vectors per atom [N, k, 3]. Equivariant models: an equivariant
   linear map of the ``C x 1`` block (rotates with the structure). Invariant models (``lmax = 0``,
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import NormalizedSiLU
-from .irreps import Irreps
+from ..o3.irreps import Irreps
 from .linear import Linear
 from .scatter import scatter_sum
 

@@ -1,5 +1,5 @@
 """Wigner D matrices and real Clebsch-Gordan coefficients in the basis of
-:mod:`equiforce.spherical_harmonics`.
+:mod:`equiforce.o3.spherical_harmonics`.
 
 Both are derived from the harmonics themselves, so they are consistent with them by construction:
 

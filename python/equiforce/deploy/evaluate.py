@@ -1,7 +1,7 @@
 """Errors of an EXPORTED model file on an extxyz data set (what `equiforce eval` prints).
 
 The exported TorchScript module is run exactly as the engines run it (one structure at a time,
-the signature of :mod:`equiforce.export`); nothing from the training code is reused for the
+the signature of :mod:`equiforce.deploy.export`); nothing from the training code is reused for the
 predictions, so these numbers test the deployed file.
 
 Metrics (keys of the returned dict):
@@ -21,8 +21,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .config import DataError
-from .data import atoms_to_graph, extract_dipole, extract_labels, extract_total_charge, read_structures
+from ..training.config import DataError
+from ..data.dataset import atoms_to_graph, extract_dipole, extract_labels, extract_total_charge, read_structures
 from .export import load_exported
 
 

@@ -11,7 +11,7 @@ frame. Each frame stores the xTB energy and forces of exactly its positions:
 * ``atoms.info["stress"]``  -- only with ``box_A`` (periodic): stress (eV/Å^3, ASE convention)
 
 ASE's extxyz reader moves these standard names into a ``SinglePointCalculator``
-(``atoms.get_potential_energy()``, ``atoms.get_forces()``); :mod:`equiforce.data` finds them there.
+(``atoms.get_potential_energy()``, ``atoms.get_forces()``); :mod:`equiforce.data.dataset` finds them there.
 
 Labels: every kept frame is recomputed from scratch with a fresh calculator and a tight SCF
 (``LABEL_ACCURACY``), so its energy and forces depend on its positions only (not on the SCF history of
@@ -28,7 +28,7 @@ callers never see a half-written file.
 
 Command line (also reachable as ``equiforce datagen``)::
 
-    python -m equiforce.datagen --molecule CH3CH2OH --frames 300 --temperature 800 --seed 0 -o data.extxyz
+    python -m equiforce.data.datagen --molecule CH3CH2OH --frames 300 --temperature 800 --seed 0 -o data.extxyz
 """
 import argparse
 import hashlib
@@ -370,7 +370,7 @@ def run_from_args(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: ``python -m equiforce.datagen [options]``; returns the exit status."""
+    """Entry point: ``python -m equiforce.data.datagen [options]``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         run_from_args(args)

@@ -14,16 +14,16 @@ The last layer keeps only scalars; a small MLP turns them into a per-atom energy
 ``E_i = scale[s_i] * (e_i - e_iso[s_i]) + shift[s_i]``, where ``e_iso[s]`` is the network's output
 for an atom of species ``s`` with no neighbours, so an isolated atom's energy is exactly its shift.
 
-Extra outputs (:mod:`equiforce.heads`, :meth:`EquiforceModel.predict`), chosen in :class:`ModelConfig`:
+Extra outputs (:mod:`equiforce.nn.heads`, :meth:`EquiforceModel.predict`), chosen in :class:`ModelConfig`:
 
 * ``dipole``: "direct" (sum of per-atom l=1 vectors, times ``dipole_scale``), "charges"
   (``sum q_i (r_i - centroid)`` with conserved total charge), "both" (their sum), "none".
 * ``long_range``: "ewald" adds the electrostatic energy of learned atomic charges (a
-  :class:`equiforce.heads.ChargeHead`, total charge conserved exactly) to the per-atom energies:
+  :class:`equiforce.nn.heads.ChargeHead`, total charge conserved exactly) to the per-atom energies:
   Ewald summation for periodic cells, plain Coulomb for open boundaries
-  (:mod:`equiforce.longrange`; settings ``long_range_accuracy``, ``long_range_cutoff`` Å,
+  (:mod:`equiforce.nn.electrostatics`; settings ``long_range_accuracy``, ``long_range_cutoff`` Å,
   ``long_range_damping`` Å). Such a model needs positions and the cell: use :meth:`predict` /
-  :func:`equiforce.forces.model_outputs` (``forward`` raises). With a charge dipole head the same
+  :func:`equiforce.model.forces.model_outputs` (``forward`` raises). With a charge dipole head the same
   charges serve both.
 * ``direct_forces``: forces predicted as a per-atom l=1 output ``F_i = scale[s_i] * v_i`` and trained
   directly on forces; NOT the gradient of the energy (non-conservative: curl != 0), the energy
@@ -31,13 +31,13 @@ Extra outputs (:mod:`equiforce.heads`, :meth:`EquiforceModel.predict`), chosen i
 
 Inference kernels (:meth:`EquiforceModel.use_fused_kernels`, on in :meth:`EquiforceModel.for_export`):
 on the CPU each layer's gather / tensor product / scatter runs as one compiled op and the radial MLPs
-run once per pair of reverse edges (:mod:`equiforce.tensor_product`); same numbers to rounding, first
+run once per pair of reverse edges (:mod:`equiforce.nn.tensor_product`); same numbers to rounding, first
 derivatives only, so training keeps them off.
 
 When a vector output is needed and ``lmax >= 1``, the last layer outputs ``C x 0e + C x 1o``
 (``1e`` in SE(3) mode), the vector block gated like in every other layer. With ``lmax = 0`` (the
 invariant, distance-only baseline) the vector heads read the invariant scalars and their outputs
-are rotation-invariant (see :class:`equiforce.heads.VectorHead`).
+are rotation-invariant (see :class:`equiforce.nn.heads.VectorHead`).
 """
 import copy
 import math
@@ -47,16 +47,16 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .activations import NormalizedSiLU
-from .gate import Gate
-from .heads import ChargeHead, VectorHead, charge_dipole, conserve_charge
-from .irreps import Irreps, spherical_harmonics_irreps
-from .linear import Linear, SpeciesLinear
-from .longrange import Electrostatics
-from .radial import BesselBasis, RadialMLP, polynomial_cutoff
-from .scatter import scatter_sum
-from .spherical_harmonics import safe_norm, safe_normalize, spherical_harmonics
-from .tensor_product import EdgeTensorProduct, FusedTensorProduct, RadialPairing
+from ..nn.activations import NormalizedSiLU
+from ..nn.gate import Gate
+from ..nn.heads import ChargeHead, VectorHead, charge_dipole, conserve_charge
+from ..o3.irreps import Irreps, spherical_harmonics_irreps
+from ..nn.linear import Linear, SpeciesLinear
+from ..nn.electrostatics import Electrostatics
+from ..nn.radial import BesselBasis, RadialMLP, polynomial_cutoff
+from ..nn.scatter import scatter_sum
+from ..o3.spherical_harmonics import safe_norm, safe_normalize, spherical_harmonics
+from ..nn.tensor_product import EdgeTensorProduct, FusedTensorProduct, RadialPairing
 
 SYMMETRIES = ("O3", "SE3")
 FEATURE_PARITIES = ("natural", "both")
@@ -200,7 +200,7 @@ class InteractionLayer(nn.Module):
 
 class EquiforceModel(nn.Module):
     """Per-atom energies (eV) from species and edge vectors (the energy-model contract of
-    :mod:`equiforce.analytic`): ``forward(species [N], edge_index [2, E], edge_vec [E, 3] Å,
+    :mod:`equiforce.model.analytic`): ``forward(species [N], edge_index [2, E], edge_vec [E, 3] Å,
     batch [N], num_graphs) -> [N]``."""
 
     __jit_unused_properties__ = ["fused_kernels"]
@@ -325,7 +325,7 @@ class EquiforceModel(nn.Module):
                 num_graphs: int) -> Tensor:
         if self.has_long_range:
             raise RuntimeError("a long-range model (long_range = 'ewald') needs positions and the cell: call "
-                               "predict(..., pos=, cell=) or equiforce.forces.model_outputs(..., cell=)")
+                               "predict(..., pos=, cell=) or equiforce.model.forces.model_outputs(..., cell=)")
         raw = self.raw_energy(species, edge_index, edge_vec)
         return self._atom_energy(raw, species, edge_vec)
 
@@ -340,11 +340,11 @@ class EquiforceModel(nn.Module):
         for open boundaries; needed by long-range models). For long-range models
         ``per_atom_energy`` includes the electrostatic part, given alone as ``electrostatic_energy``
         [N]; forces need the gradients with respect to ``pos`` and ``cell`` as well as ``edge_vec``
-        (see :func:`equiforce.forces.model_outputs`). Returns a dict with ``per_atom_energy`` [N] (eV) and,
+        (see :func:`equiforce.model.forces.model_outputs`). Returns a dict with ``per_atom_energy`` [N] (eV) and,
         when configured, ``dipole`` [B, 3] (e·Å), ``charges`` [N] (e), ``direct_dipole`` /
         ``charge_dipole`` [B, 3] (the two parts of ``dipole`` in mode "both"), ``forces`` [N, 3]
         (eV/Å, the direct-force head; conservative forces are ``-dE/dpos``, see
-        :func:`equiforce.forces.model_outputs`).
+        :func:`equiforce.model.forces.model_outputs`).
         """
         x = self.features(species, edge_index, edge_vec)
         raw = self.readout(x[:, :self.channels]).squeeze(-1)

@@ -4,7 +4,7 @@ YAML layout (every key optional; the defaults are the values below)::
 
     data: train.extxyz        # extxyz file with energies and forces
     out: run                  # run directory: checkpoints, metrics.csv, plots
-    energy_key: energy        # label names (see equiforce.data)
+    energy_key: energy        # label names (see equiforce.data.dataset)
     forces_key: forces
     stress_key: stress
     dipole_key: dipole        # dipole label (e·Å), used when model.dipole != none
@@ -35,7 +35,7 @@ YAML layout (every key optional; the defaults are the values below)::
     dtype: float32            # float32 | float64
     device: cpu               # cpu | cuda | cuda:N
     num_threads: null         # CPU threads for torch (null: torch's default); 1 is fastest for small models
-    model:                    # equiforce.model.ModelConfig
+    model:                    # equiforce.model.network.ModelConfig
       r_max: 5.0
       channels: 32
       lmax: 2
@@ -55,7 +55,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from .model import ModelConfig
+from ..model.network import ModelConfig
 
 
 class UserError(ValueError):

@@ -1,7 +1,7 @@
 """Neighbour list: every ordered pair of atoms closer than a cutoff, periodic images included.
 
 One function, :func:`neighbor_list`, TorchScript-able (it runs inside the module that openmm-torch
-evaluates) and vectorised. It returns edges in the convention of :mod:`equiforce.forces`::
+evaluates) and vectorised. It returns edges in the convention of :mod:`equiforce.model.forces`::
 
     r_e = pos[j] - pos[i] + edge_shift[e],   edge_shift = cell_shift @ cell   (Å)
 

@@ -26,7 +26,7 @@ in Python, ``torch::jit::setGraphExecutorOptimize(false)`` in C++): the model ha
 fuser to gain, and with it on, every new atom or edge count triggers a slow re-profiling pass
 (measured: 0.1-0.4 s on each of the first calls, against 3 ms per call for a small molecule).
 
-Models with output heads (:mod:`equiforce.heads`) are exported by :class:`ExportedHeadsPotential`
+Models with output heads (:mod:`equiforce.nn.heads`) are exported by :class:`ExportedHeadsPotential`
 with the same signature. A direct-force model returns its head's forces as ``forces`` (ghost
 atoms get zero: each local atom's force is complete on its own), so LAMMPS and OpenMM run it
 unchanged, and its metadata says ``"conservative": false`` (energy and virial come from its energy
@@ -37,7 +37,7 @@ head). A dipole model has one more method::
 (``total_charge`` in e, a float; all atoms given count). ``metadata["outputs"]`` lists what the file
 provides, ``metadata["methods"]`` the extra methods and their signatures.
 
-Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.longrange`) are exported by
+Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.nn.electrostatics`) are exported by
 :class:`ExportedHeadsPotential` too. Their energy is not a sum of local terms: the module needs
 ALL atoms of the system, once each (``n_local == N``, no ghost atoms; a RuntimeError says so
 otherwise), and the ``cell`` (lattice rows, Å: Ewald summation; all zeros: open-boundary Coulomb).
@@ -58,8 +58,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import FORMAT_VERSION, __version__
-from .forces import edge_vectors, forces_virial_from_edge_grad
+from .. import FORMAT_VERSION, __version__
+from ..model.forces import edge_vectors, forces_virial_from_edge_grad
 from .ops import load_ops
 
 # files exported with fused kernels call torch.ops.equiforce.*: register them before any load
@@ -69,7 +69,7 @@ METADATA_FILE = "equiforce_metadata.json"
 
 
 class ExportedPotential(nn.Module):
-    """Wraps an energy model (see :mod:`equiforce.analytic` for the contract) with autograd forces."""
+    """Wraps an energy model (see :mod:`equiforce.model.analytic` for the contract) with autograd forces."""
 
     def __init__(self, energy_model: nn.Module):
         super().__init__()
@@ -90,7 +90,7 @@ class ExportedPotential(nn.Module):
 
 
 class ExportedHeadsPotential(nn.Module):
-    """Like :class:`ExportedPotential` for an :class:`equiforce.model.EquiforceModel` with heads:
+    """Like :class:`ExportedPotential` for an :class:`equiforce.model.network.EquiforceModel` with heads:
     the same ``forward`` signature (direct-force models return the head's forces), plus
     :meth:`dipole`."""
 
@@ -204,7 +204,7 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
         meta["units"]["dipole"] = "e*Angstrom"
         meta["methods"] = {"dipole": "(pos, species, edge_index, edge_shift, cell, total_charge: float) -> dipole[3]"}
     if bool(getattr(energy_model, "has_long_range", False)):
-        from .longrange import K_E, ewald_parameters
+        from ..nn.electrostatics import K_E, ewald_parameters
         el = energy_model.electrostatics
         alpha, k_cut = ewald_parameters(el.accuracy, el.cutoff, el.alpha)
         meta["long_range"] = {

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import NormalizedSigmoid, NormalizedSiLU, NormalizedTanh
-from .irreps import Irreps
+from ..o3.irreps import Irreps
 
 
 class Gate(nn.Module):

@@ -46,7 +46,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .neighbors import neighbor_list
+from ..data.neighbors import neighbor_list
 
 #: Coulomb constant e^2 / (4 pi eps0) in eV·Å / e^2.
 K_E = 14.399645
@@ -187,7 +187,7 @@ def electrostatic_per_atom(pos: Tensor, charges: Tensor, cell: Tensor, accuracy:
 def strain_virial(pos: Tensor, cell: Tensor, grad_pos: Tensor, grad_cell: Tensor) -> Tensor:
     """Virial [3, 3] (eV) of an energy of ``(pos, cell)`` from its gradients: the strain derivative
     ``W = -(pos^T dE/dpos + cell^T dE/dcell)`` (positions and lattice rows strained together), the
-    same convention as :mod:`equiforce.forces` (``-sum r (x) dE/dr``)."""
+    same convention as :mod:`equiforce.model.forces` (``-sum r (x) dE/dr``)."""
     return -(pos.transpose(0, 1) @ grad_pos + cell.transpose(0, 1) @ grad_cell)
 
 

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from .. import __version__
 from .config import CheckpointError, ConfigError, DataError, TrainConfig
-from .data import Graph, average_num_neighbors, collate, load_dataset, split_indices
-from .forces import model_outputs
-from .model import EquiforceModel, ModelConfig
-from .rotations import random_rotations
+from ..data.dataset import Graph, average_num_neighbors, collate, load_dataset, split_indices
+from ..model.forces import model_outputs
+from ..model.network import EquiforceModel, ModelConfig
+from ..o3.rotations import random_rotations
 
 CHECKPOINT_KIND = "equiforce-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -9,7 +9,7 @@ Where labels are looked up (``energy_key``, ``forces_key``, ``stress_key``; defa
    ``info``/``arrays`` into a ``SinglePointCalculator``; this step finds them there. Custom names
    such as ``REF_energy`` stay in ``info``/``arrays`` and are found in step 1.
 
-Optional per-structure labels for the dipole head (:mod:`equiforce.heads`): ``dipole_key``
+Optional per-structure labels for the dipole head (:mod:`equiforce.nn.heads`): ``dipole_key``
 (default ``"dipole"``, 3 numbers in e·Å, ASE's unit; structures without it are masked out of the
 dipole loss) and ``charge_key`` (default ``"charge"``, the total charge in e; 0 when absent).
 
@@ -34,7 +34,7 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 from torch import Tensor
 
-from .config import DataError
+from ..training.config import DataError
 
 Graph = Dict[str, Tensor]
 

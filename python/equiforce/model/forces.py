@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .scatter import scatter_sum
+from ..nn.scatter import scatter_sum
 
 
 def edge_vectors(pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> Tensor:
@@ -39,7 +39,7 @@ def forces_virial_from_edge_grad(
     ``edge_graph`` [E] is the graph index of each edge.
 
     Only these sums are physical: with a model's inference kernels on (reverse edges share their
-    radial weights, :meth:`equiforce.model.EquiforceModel.use_fused_kernels`) the radial part of
+    radial weights, :meth:`equiforce.model.network.EquiforceModel.use_fused_kernels`) the radial part of
     one edge's gradient is credited to its reverse edge, which leaves forces and per-graph virials
     unchanged but not per-edge gradients (a per-atom virial or heat flux built from them would need
     the PyTorch path).
@@ -109,14 +109,14 @@ def model_outputs(
     total_charge: Optional[Tensor] = None,
     cell: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
-    """Every output of a model with heads (:meth:`equiforce.model.EquiforceModel.predict`) in one pass.
+    """Every output of a model with heads (:meth:`equiforce.model.network.EquiforceModel.predict`) in one pass.
 
     Returns ``energy`` [B], ``per_atom_energy`` [N], ``forces`` [N, 3], ``virial`` [B, 3, 3] as
     :func:`energy_forces_virial`, plus ``dipole`` [B, 3] (e·Å) and ``charges`` [N] (e) when the model
     has those heads. For a direct-force model (``model.direct_forces``) ``forces`` are the head's
     output, ``conservative_forces`` the gradient forces of its energy head, and ``virial`` comes from
     the energy head (a direct-force head has no virial of its own). Models without ``predict``
-    (energy models such as :class:`equiforce.analytic.AnalyticMessageModel`) fall back to
+    (energy models such as :class:`equiforce.model.analytic.AnalyticMessageModel`) fall back to
     :func:`energy_forces_virial`.
 
     Long-range models (``model.has_long_range``) also need ``cell`` [B, 3, 3] (Å, lattice rows; zeros

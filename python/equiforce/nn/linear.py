@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .irreps import Irreps
+from ..o3.irreps import Irreps
 
 
 def _instructions(irreps_in: Irreps, irreps_out: Irreps, n_copies: int) -> Tuple[List[List[int]], List[float], int]:

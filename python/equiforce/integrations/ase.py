@@ -6,7 +6,7 @@
 
 Units are ASE's: energy eV, forces eV/Å, stress eV/Å^3 (Voigt order xx, yy, zz, yz, xz, xy, sign
 ``stress = (1/V) dE/dstrain = -virial / V``). The cutoff, species and dtype come from the file's
-metadata; edges come from :func:`equiforce.neighbors.neighbor_list`.
+metadata; edges come from :func:`equiforce.data.neighbors.neighbor_list`.
 """
 from typing import List, Sequence
 
@@ -15,18 +15,18 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .export import load_exported
-from .neighbors import neighbor_list
+from ..deploy.export import load_exported
+from ..data.neighbors import neighbor_list
 
 
 class EquiforceCalculator(Calculator):
     """Energy, per-atom energies, forces and (fully periodic cells only) stress from an exported model.
 
     Args:
-        model_path: file written by ``equiforce export`` / :func:`equiforce.export.export_model`.
+        model_path: file written by ``equiforce export`` / :func:`equiforce.deploy.export.export_model`.
         device: torch device to run on ("cpu", "cuda", "cuda:1", ...).
 
-    Raises :class:`equiforce.export.ModelFileError` for a missing file or a file that is not an
+    Raises :class:`equiforce.deploy.export.ModelFileError` for a missing file or a file that is not an
     equiforce export, ``ValueError`` for structures the model cannot evaluate.
     """
 

@@ -5,7 +5,7 @@ harmonic ``Y_l2`` into every allowed output irrep ``l3``::
 
     out[u, k] = w[u] * sqrt(2 l3 + 1) * sum_ij C[i, j, k] x[u, i] Y[j]
 
-(``C`` the unit-norm real Clebsch-Gordan tensor of :mod:`equiforce.clebsch_gordan`, the
+(``C`` the unit-norm real Clebsch-Gordan tensor of :mod:`equiforce.o3.clebsch_gordan`, the
 ``sqrt(2l3+1)`` keeping component-normalised inputs component-normalised). Channels are not mixed
 ("uvu" / depthwise); ``w`` [E, mul] per path comes from the radial MLP, so it depends only on the
 interatomic distance and the product stays equivariant.
@@ -42,7 +42,7 @@ Fused kernels. :class:`FusedTensorProduct` runs gather, merged groups and scatte
 in the compiled op ``equiforce::tp_scatter`` (``cpp/equiforce_ops.cpp``, CPU, first derivatives),
 with tables derived from the merged groups;
 :class:`RadialPairing` finds the reverse edges that share radial weights. Both are used by exported
-models (:meth:`equiforce.model.EquiforceModel.use_fused_kernels`) and tested against the PyTorch
+models (:meth:`equiforce.model.network.EquiforceModel.use_fused_kernels`) and tested against the PyTorch
 path above, which stays the reference and the path for training and GPUs.
 """
 import math
@@ -51,9 +51,9 @@ from typing import List, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from .clebsch_gordan import clebsch_gordan
-from .irreps import Irrep, Irreps
-from .ops import load_ops, ops_error
+from ..o3.clebsch_gordan import clebsch_gordan
+from ..o3.irreps import Irrep, Irreps
+from ..deploy.ops import load_ops, ops_error
 
 # group kinds (see the module docstring); literals in forward_blocks, which TorchScript compiles
 _OUTER = 0      # l1 = 0

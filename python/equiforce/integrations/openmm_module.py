@@ -23,11 +23,11 @@ Unit conversion and wrapping into the box are done in float64; the result is the
 model's dtype (float32 or float64, from the file's metadata), and energy and forces are cast back
 to the dtype OpenMM passed on return.
 
-Neighbours: a Verlet list on top of :func:`equiforce.neighbors.neighbor_list` (O(N) cell list,
+Neighbours: a Verlet list on top of :func:`equiforce.data.neighbors.neighbor_list` (O(N) cell list,
 periodic and triclinic boxes, boxes thinner than the cutoff). Candidate pairs within
 ``r_max + skin`` are kept in module buffers and reused until an atom has moved ``skin / 2`` since
 the last search or the box vectors change; on every call exactly the pairs with ``|r| < r_max``
-are passed to the model (the contract of :mod:`equiforce.export`), so results do not depend on
+are passed to the model (the contract of :mod:`equiforce.deploy.export`), so results do not depend on
 the skin.
 """
 import json
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .neighbors import neighbor_list
+from ..data.neighbors import neighbor_list
 
 #: kJ/mol per eV (CODATA 2018 e * N_A / 1000).
 EV_TO_KJ_PER_MOL = 96.48533212331002
@@ -48,7 +48,7 @@ class OpenMMPotential(nn.Module):
     """An exported equiforce model as a ``TorchForce`` module (nm, kJ/mol in; kJ/mol, kJ/mol/nm out).
 
     Args:
-        model: the exported TorchScript module (``equiforce.export.load_exported``), signature
+        model: the exported TorchScript module (``equiforce.deploy.export.load_exported``), signature
             ``(pos Å, species, edge_index, edge_shift Å, cell Å, n_local) -> (E eV, e_i, F eV/Å, virial)``.
         metadata: its metadata dict (``species``, ``r_max``, ``dtype`` are used).
         species: [M] int64 model species index of each ML atom.
@@ -56,7 +56,7 @@ class OpenMMPotential(nn.Module):
             exactly the M ML atoms in order.
         periodic: whether ``forward`` receives box vectors and applies periodic images.
         skin: Verlet-list skin (Å). Candidate pairs within ``r_max + skin`` come from
-            ``equiforce.neighbors.neighbor_list`` (cell list) and are reused until an atom has moved
+            ``equiforce.data.neighbors.neighbor_list`` (cell list) and are reused until an atom has moved
             ``skin / 2`` or the box changes; every call keeps exactly the pairs with ``|r| < r_max``,
             so results equal a fresh neighbour search. ``skin = 0`` searches on every call.
     """

@@ -1,0 +1,1 @@
+"""Deployment: the exported TorchScript file, the compiled ops, evaluation and the audit of exported files."""

@@ -1,0 +1,1 @@
+"""Engines: the ASE calculator, the OpenMM TorchForce helpers, the LAMMPS plugin locator."""

@@ -1,0 +1,1 @@
+"""O(3) maths: irreps, real spherical harmonics, Clebsch-Gordan coefficients, rotations (plain torch)."""

@@ -1,0 +1,1 @@
+"""Training: configuration, the training loop with EMA and checkpoints, metric plots."""
