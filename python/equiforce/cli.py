@@ -79,7 +79,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .training.config import ConfigError, build_config, read_yaml
+    from .errors import ConfigError
+    from .training.config import build_config, read_yaml
     from .training.loop import RESUMABLE, train
 
     if args.config and args.config_file and args.config != args.config_file:
@@ -147,7 +148,7 @@ def _run_export(args: argparse.Namespace) -> int:
                           "val_metrics": val, "data": os.path.basename(config.data),
                           "trained_dtype": config.dtype},
              "model_config": config.model.to_dict()}
-    from .training.config import UserError
+    from .errors import UserError
 
     if args.total_charge != 0.0 and config.model.long_range == "none":
         raise UserError(f"--total-charge {args.total_charge:g}: the model of '{path}' has no long-range "
@@ -233,8 +234,9 @@ def _add_datagen(p: argparse.ArgumentParser) -> None:
 
 
 def _run_datagen(args: argparse.Namespace) -> int:
-    from .training.config import UserError
-    from .data.datagen import DatagenError, run_from_args
+    from .errors import UserError
+    from .errors import DatagenError
+    from .data.datagen import run_from_args
 
     try:
         run_from_args(args)
@@ -251,7 +253,7 @@ def _run_lammps_plugin_dir(args: argparse.Namespace) -> int:
     try:
         from .integrations.lammps import plugin_dir
     except ImportError:
-        from .training.config import UserError
+        from .errors import UserError
         raise UserError("this equiforce installation has no LAMMPS plugin (equiforce.integrations.lammps is missing); "
                         "reinstall with the C++ parts built") from None
     print(plugin_dir())
@@ -283,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``equiforce`` script; returns the exit status."""
-    from .training.config import UserError
-    from .deploy.export import ModelFileError
+    from .errors import UserError
+    from .errors import ModelFileError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -38,16 +38,14 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..errors import DatagenError
+
 DEFAULT_CACHE_DIR = "data_cache"
 # Parameters the cached file depends on; a change in any of them regenerates it.
 _CACHE_VERSION = 2
 # tblite SCF accuracy of the labels (1.0 is tblite's default; 0.01 converges the SCF ~100x tighter,
 # measured: forces then equal central finite differences of the energy to ~2e-7 relative, h = 1e-4 Å)
 LABEL_ACCURACY = 0.01
-
-
-class DatagenError(ValueError):
-    """Bad arguments for data generation (message names the problem and the fix)."""
 
 
 def _tblite_calculator(accuracy: float = 1.0):

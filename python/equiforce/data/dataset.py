@@ -34,7 +34,7 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 from torch import Tensor
 
-from ..training.config import DataError
+from ..errors import DataError
 
 Graph = Dict[str, Tensor]
 

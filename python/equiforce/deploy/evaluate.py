@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from ..training.config import DataError
+from ..errors import DataError
 from ..data.dataset import atoms_to_graph, extract_dipole, extract_labels, extract_total_charge, read_structures
 from .export import load_exported
 

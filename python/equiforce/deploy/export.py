@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from .. import FORMAT_VERSION, __version__
 from ..model.forces import edge_vectors, forces_virial_from_edge_grad
+from ..errors import ModelFileError
 from .ops import load_ops
 
 # files exported with fused kernels call torch.ops.equiforce.*: register them before any load
@@ -269,10 +270,6 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.jit.save(scripted, path, _extra_files={METADATA_FILE: json.dumps(meta, indent=1)})
     return meta
-
-
-class ModelFileError(ValueError):
-    """An exported file that is missing, unreadable, not an equiforce export, or of an unknown version."""
 
 
 def read_metadata(path: str) -> Dict[str, Any]:

@@ -27,7 +27,8 @@ from typing import Iterable, List, Optional, Sequence, Set
 
 import torch
 
-from ..deploy.export import ModelFileError, load_exported
+from ..deploy.export import load_exported
+from ..errors import ModelFileError
 from .openmm_module import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, OpenMMPotential
 
 __all__ = ["create_force", "create_system", "create_mixed_system", "create_module", "deserialize_system",

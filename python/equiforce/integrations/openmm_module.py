@@ -37,11 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.neighbors import neighbor_list
-
-#: kJ/mol per eV (CODATA 2018 e * N_A / 1000).
-EV_TO_KJ_PER_MOL = 96.48533212331002
-#: Å per nm.
-NM_TO_ANGSTROM = 10.0
+from ..units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
 
 class OpenMMPotential(nn.Module):

@@ -47,9 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from ..data.neighbors import neighbor_list
+from ..units import COULOMB_CONSTANT
 
 #: Coulomb constant e^2 / (4 pi eps0) in eV·Å / e^2.
-K_E = 14.399645
+K_E = COULOMB_CONSTANT
 
 
 def _coulomb_constant() -> float:

@@ -55,23 +55,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
+from ..errors import CheckpointError, ConfigError, DataError, UserError  # noqa: F401 (re-exported)
 from ..model.network import ModelConfig
-
-
-class UserError(ValueError):
-    """A mistake in the user's input (file, setting, checkpoint): reported in one line, no traceback."""
-
-
-class ConfigError(UserError):
-    """A bad configuration file or setting."""
-
-
-class DataError(UserError):
-    """A data file that cannot be used for training or evaluation."""
-
-
-class CheckpointError(UserError):
-    """A missing, corrupt or incompatible checkpoint."""
 
 
 CHOICES = {

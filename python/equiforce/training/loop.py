@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .config import CheckpointError, ConfigError, DataError, TrainConfig
+from ..errors import CheckpointError, ConfigError, DataError
+from .config import TrainConfig
 from ..data.dataset import Graph, average_num_neighbors, collate, load_dataset, split_indices
 from ..model.forces import model_outputs
 from ..model.network import EquiforceModel, ModelConfig

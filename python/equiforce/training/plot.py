@@ -4,7 +4,7 @@ import math
 import os
 from typing import Dict, List, Optional
 
-from .config import DataError
+from ..errors import DataError
 
 
 def read_metrics(path: str) -> Dict[str, List[float]]:
