@@ -31,3 +31,10 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise ValueError(f"unsupported model dtype {dtype}; use torch.float32 or torch.float64")
+
+
+# Closest approach (Å) any structure may have: training data with a pair closer than this is
+# refused, and every engine stops with an error naming the atoms (two atoms on top of each other
+# give a finite, plausible energy in a message-passing model, so MD would never notice).
+# Exported files record it as metadata["min_distance"].
+MIN_DISTANCE = 0.5
