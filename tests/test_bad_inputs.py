@@ -355,7 +355,7 @@ def test_out_is_a_file_or_under_a_file(tmp_path, capsys):
     line = one_line_error(capsys, "train", "--data", data, "--out", existing, *SMALL)
     assert f"--out '{existing}' is an existing file, not a run directory" in line
     line = one_line_error(capsys, "train", "--data", data, "--out", existing / "deeper" / "run", *SMALL)
-    assert f"'{existing}' is a file, not a directory" in line
+    assert f"'{existing}' exists and is not a directory" in line
     line = one_line_error(capsys, "train", "--out", existing, "--resume")
     assert "is an existing file, not a run directory" in line
     assert existing.read_text() == "my notes\n"

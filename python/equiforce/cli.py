@@ -120,7 +120,7 @@ def _check_run_dir(out: str) -> None:
     while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ConfigError(f"--out '{out}' cannot be created: '{parent}' is a file, not a directory; "
+        raise ConfigError(f"--out '{out}' cannot be created: '{parent}' exists and is not a directory; "
                           "give a run directory inside a directory, e.g. --out run2")
 
 

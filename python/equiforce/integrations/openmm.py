@@ -15,6 +15,12 @@ supports (Reference and CPU tested; CUDA through the same module, untested here:
 Read such XML back with :func:`deserialize_system` (OpenMM's own deserialiser crashes on
 ``TorchForce`` with the pinned wheels openmm 8.6.1 + openmmtorch 1.5).
 
+Errors raised inside the module during an evaluation (atoms closer than the model's
+``min_distance``, OpenMM's never-set default box with ``periodic=True``, a System without the ML
+atoms) reach Python as ``openmm.OpenMMException`` whose reason is the last line of a TorchScript
+trace; ``with clear_errors(): ...`` around the calls that evaluate re-raises them as
+:class:`EquiforceOpenMMError` with the reason as its one-line message.
+
 Mechanical embedding (``create_mixed_system``): bonds, angles and torsions whose atoms all lie in
 the ML region are removed from the MM forces, non-bonded pairs inside the ML region become zero
 exceptions (``NonbondedForce``) or exclusions (``CustomNonbondedForce``); ML-MM interactions stay
