@@ -375,6 +375,16 @@ def test_plot_on_garbage_metrics(tmp_path, capsys):
     assert "has no epochs yet" in line
 
 
+def test_other_os_errors_are_one_line(tmp_path, capsys):
+    """Any OSError the CLI meets (here: plot -o into a missing directory) is one line, not a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,train_loss,val_loss\n1,0.5,0.6\n2,0.4,0.5\n")
+    target = tmp_path / "missing" / "curves.png"
+    line = one_line_error(capsys, "plot", run, "-o", target)
+    assert "cannot use" in line and "No such file or directory" in line and "check the paths given" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenMM
 # ---------------------------------------------------------------------------------------------
