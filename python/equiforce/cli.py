@@ -100,11 +100,28 @@ def _run_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot change {bad} when resuming (only {list(RESUMABLE)}); "
                               "start a new run with another --out to change them")
         config = build_config(None, {"out": out})
+        _check_run_dir(config.out)
         train(config, resume=True, progress=not args.no_progress, resume_overrides=given)
         return 0
     config = build_config(yaml_path, overrides)
+    _check_run_dir(config.out)
     train(config, progress=not args.no_progress)
     return 0
+
+
+def _check_run_dir(out: str) -> None:
+    """ConfigError when the run directory ``out`` is an existing file or lies under one."""
+    from .errors import ConfigError
+
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out '{out}' is an existing file, not a run directory; give a directory "
+                          "(new or from an earlier run), e.g. --out run2")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out '{out}' cannot be created: '{parent}' exists and is not a directory; "
+                          "give a run directory inside a directory, e.g. --out run2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +227,35 @@ def _add_plot(p: argparse.ArgumentParser) -> None:
 def _run_plot(args: argparse.Namespace) -> int:
     from .training.plot import plot_run
 
+    _check_metrics_file(os.path.join(args.run_dir, "metrics.csv"))
     print(plot_run(args.run_dir, args.output))
     return 0
+
+
+def _check_metrics_file(path: str) -> None:
+    """UserError when ``path`` exists but is not a metrics.csv written by `equiforce train`
+    (binary data, or a header without an 'epoch' column)."""
+    import csv
+
+    from .errors import UserError
+
+    if not os.path.isfile(path):
+        return  # plot_run names the missing run directory or file
+    problem = None
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            text = fh.read()
+    except UnicodeDecodeError:
+        problem = "it is not UTF-8 text"
+    else:
+        header = next(csv.reader(text.splitlines()[:1]), [])
+        if "\0" in text:
+            problem = "it holds binary data"
+        elif "epoch" not in [h.strip() for h in header]:
+            problem = "its first line has no 'epoch' column"
+    if problem:
+        raise UserError(f"'{path}' is not a metrics file written by `equiforce train` ({problem}); give the "
+                        "run directory of a training run, or remove the file and train again")
 
 
 def _add_check(p: argparse.ArgumentParser) -> None:
@@ -297,6 +341,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args._run(args) or 0)
     except (UserError, ModelFileError) as exc:
         print(f"equiforce: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # a path that cannot be used (a file where a directory is needed, no space, ...)
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"equiforce: error: cannot use{where}: {exc.strerror or exc}; check the paths given "
+              "(an existing file where a directory is needed, or the reverse; permissions; free space)",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("equiforce: interrupted", file=sys.stderr)

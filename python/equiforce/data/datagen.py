@@ -24,7 +24,9 @@ the caller set it), so the same arguments give the same file on the same machine
 Caching: a data set is written once to ``out`` (default ``data_cache/<name>.extxyz`` under the current
 directory) together with ``<out>.json`` holding the generating parameters; a later call with the same
 parameters returns the path at once. Files are written to a temporary name and renamed, so parallel
-callers never see a half-written file.
+callers never see a half-written file. An existing file at ``out`` that this command did not write
+(no ``<out>.json`` record) is never replaced without ``--force``, and a directory, device, pipe or
+link there is always refused.
 
 Command line (also reachable as ``equiforce datagen``)::
 
@@ -46,6 +48,8 @@ _CACHE_VERSION = 2
 # tblite SCF accuracy of the labels (1.0 is tblite's default; 0.01 converges the SCF ~100x tighter,
 # measured: forces then equal central finite differences of the energy to ~2e-7 relative, h = 1e-4 Å)
 LABEL_ACCURACY = 0.01
+# heaviest element GFN2-xTB has parameters for (Rn)
+MAX_Z = 86
 
 
 def _tblite_calculator(accuracy: float = 1.0):
@@ -68,13 +72,19 @@ def _build_structure(molecule: str, box_A: Optional[float]):
 
     if os.path.isfile(molecule):
         from ase.io import read
-        atoms = read(molecule, index=0)
+        try:
+            atoms = read(molecule, index=0)
+        except Exception as exc:  # ASE raises many kinds of errors on malformed files
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DatagenError(f"cannot read the structure file '{molecule}' with ASE ({msg}); give a file "
+                               "ASE can read (xyz, extxyz, pdb, ...)") from None
     elif molecule in g2.names:
         atoms = ase_molecule(molecule)
     else:
         raise DatagenError(
             f"unknown molecule '{molecule}': give a name from ase.build.molecule (e.g. CH3CH2OH, H2O, "
             "CH4, C6H6) or the path of a structure file ASE can read")
+    check_structure(atoms, f"molecule '{molecule}'")
     if box_A is not None:
         extent = atoms.positions.max(axis=0) - atoms.positions.min(axis=0)
         if box_A <= 0:
@@ -150,15 +160,72 @@ def default_path(params: Dict[str, Any], cache_dir: str = DEFAULT_CACHE_DIR) -> 
                                    f"s{params['seed']}_{digest}.extxyz")
 
 
-def _cached(out: str, params: Dict[str, Any]) -> bool:
+def _sidecar_parameters(out: str) -> Optional[Dict[str, Any]]:
+    """The parameters recorded in ``<out>.json`` when it is this command's sidecar, else None."""
     side = out + ".json"
-    if not (os.path.isfile(out) and os.path.isfile(side)):
-        return False
+    if not os.path.isfile(side):
+        return None
     try:
         with open(side) as fh:
-            return json.load(fh).get("parameters") == params
+            record = json.load(fh)
     except (OSError, ValueError):
-        return False
+        return None
+    params = record.get("parameters") if isinstance(record, dict) else None
+    return params if isinstance(params, dict) and params.get("method") == "GFN2-xTB" else None
+
+
+def _cached(out: str, params: Dict[str, Any]) -> bool:
+    return os.path.isfile(out) and _sidecar_parameters(out) == params
+
+
+def check_output(out: str, force: bool = False) -> None:
+    """DatagenError unless ``out`` may be (re)written: nothing there yet, or this command's own output
+    (``<out>.json`` sidecar present), or ``force`` for an ordinary file; never a directory, device,
+    pipe or symbolic link, and the parent must be (or become) a directory."""
+    for path in (out, out + ".json"):
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            raise DatagenError(f"-o '{out}': '{path}' exists and is not a regular file (a directory, device, pipe "
+                               "or link); give the path of a new .extxyz file")
+    ours = _sidecar_parameters(out) is not None
+    if not force and not ours:
+        for path in (out, out + ".json"):
+            if os.path.exists(path):
+                raise DatagenError(f"-o '{out}': '{path}' already exists and was not written by `equiforce "
+                                   "datagen` (no parameter record beside it); choose another -o, or pass --force "
+                                   "to replace it")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise DatagenError(f"-o '{out}': cannot create its directory ({exc.strerror}: "
+                           f"'{exc.filename or parent}'); give a path inside a writable directory") from None
+
+
+def check_structure(atoms, where: str) -> None:
+    """DatagenError for a structure GFN2-xTB cannot label: elements beyond Rn (Z > 86), or two atoms
+    closer than :data:`equiforce.units.MIN_DISTANCE`."""
+    import numpy as np
+    from ase.data import chemical_symbols
+
+    from ..units import MIN_DISTANCE
+
+    if len(atoms) == 0:
+        raise DatagenError(f"{where} has no atoms; give a structure with at least one atom")
+    heavy = sorted({int(z) for z in atoms.numbers if int(z) > MAX_Z or int(z) < 1})
+    if heavy:
+        names = [chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in heavy]
+        raise DatagenError(f"{where} contains element(s) {names} (Z {heavy}); GFN2-xTB is parametrised for "
+                           f"Z = 1..{MAX_Z} (H to Rn) only: remove or replace those atoms")
+    if len(atoms) > 1:
+        from ase.geometry import get_distances
+        _, d = get_distances(atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        d = d + np.diag(np.full(len(atoms), np.inf))
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        if d[i, j] < MIN_DISTANCE:
+            i, j = sorted((int(i), int(j)))
+            raise DatagenError(f"{where}: atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are "
+                               f"{d[i, j]:.3g} Å apart, closer than the minimum distance {MIN_DISTANCE} Å "
+                               "(overlapping atoms); fix the structure file")
 
 
 def label_structure(atoms, periodic: bool, dipole: bool = False):
@@ -267,11 +334,14 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
     one labelled single-atom frame per element (:func:`isolated_atom_frames`). dipole: also store the
     GFN2-xTB dipole (``info["dipole"]``, e·Å). out: destination
     (default under ``cache_dir``); reused when its ``.json`` sidecar records the same parameters,
-    unless ``force``.
+    unless ``force``. An existing ``out`` that this command did not write (no sidecar) is refused
+    unless ``force``; a directory, device, pipe or link at ``out`` is always refused
+    (:func:`check_output`), and so is a structure GFN2-xTB cannot label (:func:`check_structure`).
     """
     params = dataset_parameters(molecule, n_frames, temperature_K, seed, timestep_fs, stride,
                                 equilibration_steps, friction_per_fs, box_A, isolated_atoms, dipole)
     out = out or default_path(params, cache_dir)
+    check_output(out, force)  # before the MD: never replace a user's file, fail fast on a bad -o
     if not force and _cached(out, params):
         return out
     from ase.io import write
@@ -285,15 +355,16 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
                 ref.info["dipole"] = [0.0, 0.0, 0.0]
         frames += references
     seconds = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    check_output(out, force)  # again: the MD took a while, something may have appeared at out
     tmp = f"{out}.tmp{os.getpid()}"
     write(tmp, frames, format="extxyz")
     with open(tmp + ".json", "w") as fh:
         json.dump({"parameters": params, "n_atoms": len(frames[0]), "seconds": round(seconds, 2),
                    "units": {"energy": "eV", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3"}},
                   fh, indent=1)
-    os.replace(tmp, out)
+    # the record first: whenever ``out`` is this command's file, its record is already beside it
     os.replace(tmp + ".json", out + ".json")
+    os.replace(tmp, out)
     return out
 
 
@@ -348,7 +419,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         "`equiforce train` takes their energies as the species reference energies")
     p.add_argument("--dipole", action="store_true", help="also store the GFN2-xTB dipole moment (info 'dipole', e·Å)")
     p.add_argument("-o", "--out", default=None, help=f"output extxyz (default: under {DEFAULT_CACHE_DIR}/)")
-    p.add_argument("--force", action="store_true", help="regenerate even when a cached file matches")
+    p.add_argument("--force", action="store_true",
+                   help="regenerate even when a cached file matches, and replace an existing -o file that "
+                        "datagen did not write")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 

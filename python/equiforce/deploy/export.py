@@ -49,10 +49,36 @@ runs such files unchanged; LAMMPS only through its serial path (one MPI rank, im
 
 Metadata lives in the file as the extra file ``equiforce_metadata.json`` (see
 :func:`build_metadata`); engines read it with ``torch.jit.load(..., _extra_files=...)`` in Python
-and ``torch::jit::load(path, device, extra_files)`` in C++.
+and ``torch::jit::load(path, device, extra_files)`` in C++. :func:`export_model` adds
+``"min_distance"`` (Å, :data:`equiforce.units.MIN_DISTANCE`: engines stop when two atoms are closer)
+and ``"weights_digest"`` to it.
+
+Tamper check (the contract every loader implements). The extra file is plain text inside the zip
+archive, so anyone can edit it (permute ``species``, change ``r_max``) and the model would then
+run with settings it was not trained for. Two guards are written at export:
+
+* the top-level module carries a str attribute ``equiforce_metadata`` whose value is EXACTLY the
+  text of ``equiforce_metadata.json`` (the attribute lives in the pickled module, ``data.pkl``);
+  a loader compares the two and refuses a mismatch with "metadata of FILE was changed after export
+  (species / r_max / ... no longer match the model); re-export it with `equiforce export`";
+* ``metadata["weights_digest"]`` = sha256 (hex) over the scripted module's ``state_dict()`` (as
+  ``torch.jit.load`` returns it: every parameter and buffer of the file): for each key in
+  sorted order, the key's UTF-8 bytes, then the tensor's values as contiguous little-endian bytes,
+  floating-point tensors converted to float64 and every other tensor to int64
+  (:func:`weights_digest`). The Python loader recomputes it.
+
+Files exported before this check (no ``equiforce_metadata`` attribute) still load unchecked.
+
+Writing is atomic: the file is serialised in memory, written to a temporary file beside ``path``
+and renamed over it, so a failed write (disk full, file-size limit) leaves an existing file intact
+and ends in a one-line :class:`~equiforce.errors.ModelFileError`, never a native abort.
 """
+import errno
+import hashlib
+import io
 import json
 import os
+import stat
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -61,12 +87,15 @@ from torch import Tensor, nn
 from .. import FORMAT_VERSION, __version__
 from ..model.forces import edge_vectors, forces_virial_from_edge_grad
 from ..errors import ModelFileError
+from ..units import DTYPES, MIN_DISTANCE
 from .ops import load_ops
 
 # files exported with fused kernels call torch.ops.equiforce.*: register them before any load
 load_ops()
 
 METADATA_FILE = "equiforce_metadata.json"
+# str attribute of the top-level scripted module: the exact metadata text (see the module docstring)
+METADATA_ATTRIBUTE = "equiforce_metadata"
 
 
 class ExportedPotential(nn.Module):
@@ -228,6 +257,69 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
     return meta
 
 
+def weights_digest(state: Dict[str, Tensor]) -> str:
+    """sha256 hex of a state_dict: for each key in sorted order, the key's UTF-8 bytes and then the
+    tensor's contiguous little-endian bytes as float64 (floating tensors) or int64 (all others)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu")
+        t = t.to(torch.float64) if t.is_floating_point() else t.to(torch.int64)
+        data = t.contiguous().numpy()
+        h.update(key.encode("utf-8"))
+        h.update(data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+def check_output_path(path: str) -> None:
+    """ModelFileError unless ``path`` can take a new file: not a directory, device or other special
+    file, and its parent is a directory (created if missing)."""
+    if os.path.isdir(path):
+        raise ModelFileError(f"-o '{path}' is a directory; give the path of the file to write, "
+                             f"e.g. {os.path.join(path, 'model.pt')}")
+    if os.path.lexists(path) and not os.path.isfile(path):  # isfile follows links
+        raise ModelFileError(f"-o '{path}' exists and is not a regular file (a device, pipe, socket or broken "
+                             "link); give the path of an ordinary file to write, e.g. model.pt")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise ModelFileError(f"cannot create the directory of -o '{path}' ({exc.strerror}: "
+                             f"'{exc.filename or parent}' is not a directory or not writable); "
+                             "give a path inside a writable directory") from None
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it and ``os.replace``.
+
+    On any write failure the temporary file is removed, an existing ``path`` stays as it was, and a
+    :class:`ModelFileError` names the reason (e.g. no space left, file too large)."""
+    check_output_path(path)
+    target = os.path.realpath(path)  # a symbolic link keeps pointing at the new file
+    directory, name = os.path.split(target)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if os.path.exists(target):  # keep the permissions of the file being replaced
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(tmp, target)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        kept = f"; the existing '{path}' is unchanged" if os.path.exists(target) else ""
+        raise ModelFileError(f"cannot write the model to '{path}' ({reason}){kept}; free disk space, raise the "
+                             "file-size limit or give another -o") from None
+
+
 def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.float64,
                  symmetry: str = "none", model_type: str = "equiforce",
                  extra_metadata: Optional[Dict[str, Any]] = None,
@@ -240,7 +332,8 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
 
     When ``check_structure = (pos, species, edge_index, edge_shift, cell)`` is given, the scripted
     module is re-run against the eager one before saving and the export fails if they differ.
-    Returns the metadata written.
+    The file is written atomically (:func:`write_atomic`): an existing ``path`` is replaced only by a
+    complete file. Returns the metadata written.
     """
     energy_model = energy_model.to(dtype).eval()
     long_range = bool(getattr(energy_model, "has_long_range", False))
@@ -249,10 +342,18 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
     if total_charge != 0.0 and not long_range:
         raise ValueError(f"total_charge {total_charge} e: only a long-range model (model.long_range = 'ewald') "
                          "uses a total charge in its energy; export this model with total_charge 0")
+    check_output_path(path)  # before the slow scripting: a bad -o fails at once
     wrapper = ExportedHeadsPotential(energy_model, total_charge) if has_heads(energy_model) \
         else ExportedPotential(energy_model)
-    scripted = torch.jit.script(wrapper)
     meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata, total_charge)
+    meta["min_distance"] = float(MIN_DISTANCE)
+    setattr(wrapper, METADATA_ATTRIBUTE, "")  # a str attribute of the scripted top-level module
+    scripted = torch.jit.script(wrapper)
+    # the scripted module's state_dict: what the file holds (it includes buffers that are
+    # non-persistent in the eager module) and what a loader sees
+    meta["weights_digest"] = weights_digest(scripted.state_dict())
+    text = json.dumps(meta, indent=1)
+    setattr(scripted, METADATA_ATTRIBUTE, text)
     if check_structure is not None:
         pos, species, edge_index, edge_shift, cell = check_structure
         args = (pos.to(dtype), species, edge_index, edge_shift.to(dtype), cell.to(dtype), int(pos.shape[0]))
@@ -267,8 +368,9 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
             a, b = wrapper.dipole(*args[:5]), scripted.dipole(*args[:5])
             if float((a - b).abs().max()) > tol * max(1.0, float(a.abs().max())):
                 raise RuntimeError("export check failed: scripted and eager dipole differ")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.jit.save(scripted, path, _extra_files={METADATA_FILE: json.dumps(meta, indent=1)})
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: text})
+    write_atomic(path, buffer.getvalue())
     return meta
 
 
@@ -279,7 +381,11 @@ def read_metadata(path: str) -> Dict[str, Any]:
 
 
 def load_exported(path: str, map_location: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load an exported file and its metadata, checking the format version."""
+    """Load an exported file and its metadata: format version, the keys engines need, and the
+    tamper check of the module docstring (metadata text and weights digest as written at export)."""
+    if os.path.isdir(path):
+        raise ModelFileError(f"'{path}' is a directory, not a model file; give the exported file "
+                             "(`equiforce export RUN_DIR -o model.pt` writes one)")
     if not os.path.isfile(path):
         raise ModelFileError(f"model file '{path}' does not exist")
     extra = {METADATA_FILE: ""}
@@ -289,14 +395,57 @@ def load_exported(path: str, map_location: str = "cpu") -> Tuple[torch.jit.Scrip
         raise ModelFileError(
             f"'{path}' is not a TorchScript file ({str(exc).splitlines()[0]}); "
             "export a trained run with `equiforce export RUN_DIR -o model.pt`") from None
-    if not extra[METADATA_FILE]:
+    text = extra[METADATA_FILE]
+    if not text:
         raise ModelFileError(
             f"'{path}' is a TorchScript file but not an equiforce export (no {METADATA_FILE}); "
             "export it with `equiforce export`")
-    meta = json.loads(extra[METADATA_FILE])
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if hasattr(module, METADATA_ATTRIBUTE) and getattr(module, METADATA_ATTRIBUTE) != text:
+        raise ModelFileError(_changed_message(path))
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise ModelFileError(f"the metadata ({METADATA_FILE}) of '{path}' is not valid JSON ({exc}); "
+                             "re-export the model with `equiforce export`") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"the metadata ({METADATA_FILE}) of '{path}' is not a JSON object; "
+                             "re-export the model with `equiforce export`")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelFileError(
             f"'{path}' has format_version {version}, this equiforce ({__version__}) reads "
             f"format_version {FORMAT_VERSION}; re-export the model with this version")
+    _check_required(path, meta)
+    digest = meta.get("weights_digest")
+    if digest is not None and hasattr(module, METADATA_ATTRIBUTE) and weights_digest(module.state_dict()) != digest:
+        raise ModelFileError(f"the weights of '{path}' were changed after export (they no longer match the "
+                             "weights_digest in its metadata); re-export it with `equiforce export`")
     return module, meta
+
+
+def _changed_message(path: str) -> str:
+    return (f"metadata of '{path}' was changed after export (species / r_max / ... no longer match the model); "
+            "re-export it with `equiforce export`")
+
+
+def _check_required(path: str, meta: Dict[str, Any]) -> None:
+    """ModelFileError naming the first metadata key that engines need and that is missing or malformed."""
+    def bad(key: str, what: str) -> ModelFileError:
+        found = "missing" if key not in meta else f"{meta[key]!r}"
+        return ModelFileError(f"the metadata of '{path}' has no valid '{key}' ({found}; expected {what}); "
+                              "re-export the model with `equiforce export`")
+
+    species = meta.get("species")
+    if not (isinstance(species, list) and species and all(isinstance(x, str) for x in species)
+            and len(set(species)) == len(species)):
+        raise bad("species", "a list of distinct element symbols")
+    r_max = meta.get("r_max")
+    if not (isinstance(r_max, (int, float)) and not isinstance(r_max, bool) and 0 < r_max < float("inf")):
+        raise bad("r_max", "a positive cutoff in Å")
+    if meta.get("dtype") not in DTYPES:
+        raise bad("dtype", " or ".join(sorted(DTYPES)))
+    layers = meta.get("num_layers")
+    if not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0):
+        raise bad("num_layers", "a number of interaction layers")

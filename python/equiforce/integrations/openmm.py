@@ -15,15 +15,23 @@ supports (Reference and CPU tested; CUDA through the same module, untested here:
 Read such XML back with :func:`deserialize_system` (OpenMM's own deserialiser crashes on
 ``TorchForce`` with the pinned wheels openmm 8.6.1 + openmmtorch 1.5).
 
+Errors raised inside the module during an evaluation (atoms closer than the model's
+``min_distance``, OpenMM's never-set default box with ``periodic=True``, a System without the ML
+atoms) reach Python as ``openmm.OpenMMException`` whose reason is the last line of a TorchScript
+trace; ``with clear_errors(): ...`` around the calls that evaluate re-raises them as
+:class:`EquiforceOpenMMError` with the reason as its one-line message.
+
 Mechanical embedding (``create_mixed_system``): bonds, angles and torsions whose atoms all lie in
 the ML region are removed from the MM forces, non-bonded pairs inside the ML region become zero
 exceptions (``NonbondedForce``) or exclusions (``CustomNonbondedForce``); ML-MM interactions stay
 with the MM force field.
 """
+import contextlib
+import operator
 import os
 import re
 import xml.etree.ElementTree as ET
-from typing import Iterable, List, Optional, Sequence, Set
+from typing import Iterable, Iterator, List, Optional, Sequence, Set
 
 import torch
 
@@ -32,7 +40,7 @@ from ..errors import ModelFileError
 from .openmm_module import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, OpenMMPotential
 
 __all__ = ["create_force", "create_system", "create_mixed_system", "create_module", "deserialize_system",
-           "tune_torchscript_for_md",
+           "tune_torchscript_for_md", "clear_errors", "torchscript_reason", "EquiforceOpenMMError",
            "EV_TO_KJ_PER_MOL", "NM_TO_ANGSTROM", "ModelFileError"]
 
 
@@ -97,10 +105,24 @@ def _species_indices(elements: Sequence, species_names: List[str], atoms: Option
     return torch.tensor(out, dtype=torch.long)
 
 
+def _as_indices(values: Iterable, name: str) -> List[int]:
+    """Particle indices as ints; ValueError for anything that is not an integer (8.9 is not 8)."""
+    out = []
+    for value in values:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} contains {value!r}; give integer particle indices")
+        try:
+            out.append(operator.index(value))  # int, numpy integers; not floats or strings
+        except TypeError:
+            raise ValueError(f"{name} contains {value!r}, which is not an integer; give integer particle "
+                             f"indices (0-based), e.g. [0, 1, 2]") from None
+    return out
+
+
 def _check_atoms(atoms: Optional[Iterable[int]], n_elements: int) -> Optional[List[int]]:
     if atoms is None:
         return None
-    atoms = [int(a) for a in atoms]
+    atoms = _as_indices(atoms, "atoms=")
     if len(atoms) == 0:
         raise ValueError("atoms= is empty; give the indices of the ML region (or None for all atoms)")
     if len(set(atoms)) != len(atoms):
@@ -114,7 +136,8 @@ def _check_atoms(atoms: Optional[Iterable[int]], n_elements: int) -> Optional[Li
 
 
 def create_module(model_path: str, atoms: Optional[Iterable[int]] = None, elements: Optional[Sequence] = None,
-                  periodic: bool = False, neighbor_skin: float = 1.0) -> torch.jit.ScriptModule:
+                  periodic: bool = False, neighbor_skin: float = 1.0,
+                  allow_default_box: bool = False, check_min_distance: bool = True) -> torch.jit.ScriptModule:
     """The scripted :class:`OpenMMPotential` for ``model_path`` (what ``create_force`` wraps).
 
     Args:
@@ -124,6 +147,13 @@ def create_module(model_path: str, atoms: Optional[Iterable[int]] = None, elemen
         periodic: apply periodic boundary conditions with the box vectors OpenMM passes (nm).
         neighbor_skin: Verlet-list skin in Å (candidates within r_max + skin are reused until an atom
             moved skin / 2; results are exact either way); 0 searches neighbours on every call.
+        allow_default_box: with ``periodic``, accept OpenMM's default box (a 2 nm cube). By default
+            the module refuses it: a ``System`` has exactly that box when its box vectors were never
+            set, and the model would silently run in a 2 nm periodic box.
+        check_min_distance: stop (RuntimeError from the module) when two ML atoms are closer than the
+            file's ``min_distance`` (0.5 Å). OpenMM's minimiser (``Simulation.minimizeEnergy``) makes
+            trial steps of up to 1 nm in total, which can overlap two atoms of a small molecule for one
+            trial; pass False for a System used to minimise such a structure.
     """
     if elements is None:
         raise ValueError("elements= is required: the element of each ML atom (e.g. from topology.atoms())")
@@ -138,13 +168,14 @@ def create_module(model_path: str, atoms: Optional[Iterable[int]] = None, elemen
     species = _species_indices(elements, list(meta["species"]), atoms)
     if not neighbor_skin >= 0.0:
         raise ValueError(f"neighbor_skin={neighbor_skin} must be >= 0 Å")
-    wrapper = OpenMMPotential(model, meta, species, atoms=atoms, periodic=bool(periodic), skin=float(neighbor_skin))
+    wrapper = OpenMMPotential(model, meta, species, atoms=atoms, periodic=bool(periodic), skin=float(neighbor_skin),
+                              allow_default_box=bool(allow_default_box), check_min_distance=bool(check_min_distance))
     return torch.jit.script(wrapper)
 
 
 def create_force(model_path: str, atoms: Optional[Iterable[int]] = None, elements: Optional[Sequence] = None,
                  periodic: bool = False, force_group: int = 0, neighbor_skin: float = 1.0,
-                 tune_torchscript: bool = True):
+                 tune_torchscript: bool = True, allow_default_box: bool = False, check_min_distance: bool = True):
     """An ``openmmtorch.TorchForce`` evaluating the model on ``atoms``, ready for ``System.addForce``.
 
     Positions in nm and energy in kJ/mol at OpenMM's side; the force outputs its own forces
@@ -152,11 +183,16 @@ def create_force(model_path: str, atoms: Optional[Iterable[int]] = None, element
     (any box size and shape OpenMM accepts: images are found by the module's cell list).
     ``force_group`` sets the OpenMM force group (0..31). ``neighbor_skin``: see :func:`create_module`.
     ``tune_torchscript``: call :func:`tune_torchscript_for_md` (a process-wide TorchScript setting).
+    With ``periodic``, the System's box vectors must be set: OpenMM's default box (a 2 nm cube, the
+    box of a System whose vectors were never set) is refused at the first evaluation unless
+    ``allow_default_box=True``. ``check_min_distance``: see :func:`create_module`. Errors raised inside the module reach you as ``OpenMMException``
+    holding a TorchScript trace; :func:`clear_errors` turns them into one line.
     """
     _, openmmtorch = _import_openmm()
     if not 0 <= int(force_group) <= 31:
         raise ValueError(f"force_group={force_group} is out of range; OpenMM force groups are 0..31")
-    module = create_module(model_path, atoms=atoms, elements=elements, periodic=periodic, neighbor_skin=neighbor_skin)
+    module = create_module(model_path, atoms=atoms, elements=elements, periodic=periodic, neighbor_skin=neighbor_skin,
+                           allow_default_box=allow_default_box, check_min_distance=check_min_distance)
     if tune_torchscript:
         tune_torchscript_for_md()
     force = openmmtorch.TorchForce(module)
@@ -165,6 +201,56 @@ def create_force(model_path: str, atoms: Optional[Iterable[int]] = None, element
     force.setForceGroup(int(force_group))
     force.setName("equiforce")
     return force
+
+
+_TORCHSCRIPT_TRACE = "The following operation failed in the TorchScript interpreter"
+_REASON_LINE = re.compile(r"^(?:builtins\.)?(\w+(?:Error|Exception)): (.+)$")
+
+
+def torchscript_reason(message: str) -> Optional[str]:
+    """The reason (``"ValueError: ..."``) at the end of a TorchScript trace in ``message``; None when
+    ``message`` holds no such trace."""
+    if _TORCHSCRIPT_TRACE not in message:
+        return None
+    for line in reversed(message.strip().splitlines()):
+        match = _REASON_LINE.match(line.strip())
+        if match:
+            return f"{match.group(1)}: {match.group(2)}"
+    return None
+
+
+class EquiforceOpenMMError(RuntimeError):
+    """An error raised inside the equiforce TorchForce module, as one line; ``.trace`` holds the
+    original OpenMM message (TorchScript trace)."""
+
+    def __init__(self, reason: str, trace: str):
+        super().__init__(reason)
+        self.trace = trace
+
+
+@contextlib.contextmanager
+def clear_errors() -> Iterator[None]:
+    """Re-raise errors whose reason OpenMM buries at the end of a TorchScript trace as one line.
+
+    openmm-torch reports an exception raised inside the module (particles closer than the minimum
+    distance, a System without the ML atoms, the default box) as an ``OpenMMException`` whose
+    message is a TorchScript trace with the reason on its last line. Wrap the calls that evaluate
+    forces::
+
+        with equiforce.openmm.clear_errors():
+            simulation.step(1000)
+
+    and such an error becomes :class:`EquiforceOpenMMError` (a RuntimeError) whose message is the
+    reason, e.g. ``"RuntimeError: equiforce OpenMMPotential: particles 0 and 1 are 0.0100 nm apart,
+    ..."``; other exceptions pass unchanged.
+    """
+    try:
+        yield
+    except Exception as exc:
+        reason = torchscript_reason(str(exc))
+        if reason is None:
+            raise
+        raise EquiforceOpenMMError(reason, str(exc)) from None
 
 
 def tune_torchscript_for_md() -> None:
@@ -191,7 +277,7 @@ def _resolve_periodic(periodic: Optional[bool], has_box: bool, what: str) -> boo
 
 
 def create_system(model_path: str, topology, periodic: Optional[bool] = None, remove_cm_motion: bool = True,
-                  force_group: int = 0, neighbor_skin: float = 1.0):
+                  force_group: int = 0, neighbor_skin: float = 1.0, check_min_distance: bool = True):
     """A ``System`` whose only interaction is the model, for every atom of ``topology``.
 
     Masses come from the topology's elements (dalton). ``periodic=None`` follows the topology
@@ -204,8 +290,9 @@ def create_system(model_path: str, topology, periodic: Optional[bool] = None, re
     box = topology.getPeriodicBoxVectors()
     periodic = _resolve_periodic(periodic, box is not None, "the topology")
     elements = [a.element for a in atoms]
+    # the topology's box is set explicitly (even if it is a 2 nm cube)
     force = create_force(model_path, atoms=None, elements=elements, periodic=periodic, force_group=force_group,
-                         neighbor_skin=neighbor_skin)
+                         neighbor_skin=neighbor_skin, allow_default_box=True, check_min_distance=check_min_distance)
     system = openmm.System()
     for atom in atoms:
         system.addParticle(atom.element.mass)
@@ -241,7 +328,8 @@ def _remove_internal_bonded_terms(system, ml: Set[int]):
 
 
 def create_mixed_system(model_path: str, topology, mm_system, ml_atoms: Iterable[int],
-                        periodic: Optional[bool] = None, force_group: int = 0, neighbor_skin: float = 1.0):
+                        periodic: Optional[bool] = None, force_group: int = 0, neighbor_skin: float = 1.0,
+                        check_min_distance: bool = True):
     """ML/MM ``System``: the model on ``ml_atoms``, ``mm_system`` everywhere else (mechanical embedding).
 
     ``mm_system`` (not modified) must describe the same particles as ``topology``. In the returned
@@ -254,7 +342,7 @@ def create_mixed_system(model_path: str, topology, mm_system, ml_atoms: Iterable
     if topology.getNumAtoms() != n:
         raise ValueError(f"the topology has {topology.getNumAtoms()} atoms but mm_system has {n} particles; "
                          "they must describe the same system")
-    ml_atoms = [int(a) for a in ml_atoms]
+    ml_atoms = _as_indices(ml_atoms, "ml_atoms")
     bad = [a for a in ml_atoms if not 0 <= a < n]
     if bad:
         raise ValueError(f"ml_atoms contains indices {bad[:5]} outside the system's 0..{n - 1}")
@@ -262,7 +350,8 @@ def create_mixed_system(model_path: str, topology, mm_system, ml_atoms: Iterable
     all_atoms = list(topology.atoms())
     elements = [all_atoms[a].element for a in ml_atoms]
     force = create_force(model_path, atoms=ml_atoms, elements=elements, periodic=periodic, force_group=force_group,
-                         neighbor_skin=neighbor_skin)
+                         neighbor_skin=neighbor_skin, allow_default_box=topology.getPeriodicBoxVectors() is not None,
+                         check_min_distance=check_min_distance)
 
     ml = set(ml_atoms)
     system = _remove_internal_bonded_terms(mm_system, ml)

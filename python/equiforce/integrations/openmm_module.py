@@ -19,9 +19,17 @@ Unit conversions (the package works in eV and Å)::
     1 eV = 96.48533212331002 kJ/mol energy_kJ/mol = 96.48533212331002 * energy_eV
                                     forces_kJ/mol/nm = 964.8533212331002 * forces_eV/Å
 
-Unit conversion and wrapping into the box are done in float64; the result is then cast to the
-model's dtype (float32 or float64, from the file's metadata), and energy and forces are cast back
-to the dtype OpenMM passed on return.
+Unit conversion and wrapping into the box are done in float64, on positions taken relative to the
+first ML atom (a translation: energy and forces are unchanged, and a float32 model keeps its
+precision however far from the origin the system sits); the result is then cast to the model's
+dtype (float32 or float64, from the file's metadata), and energy and forces are cast back to the
+dtype OpenMM passed on return.
+
+Checks on every call (each a one-line error naming the fix): two ML atoms closer than the model's
+``metadata["min_distance"]`` (default :data:`equiforce.units.MIN_DISTANCE`, 0.5 Å) raise a
+RuntimeError naming the two particles and their distance; a periodic force that receives OpenMM's
+default box (a 2 nm cube, what a ``System`` has when its box vectors were never set) raises a
+ValueError unless the module was created with ``allow_default_box=True``.
 
 Neighbours: a Verlet list on top of :func:`equiforce.data.neighbors.neighbor_list` (O(N) cell list,
 periodic and triclinic boxes, boxes thinner than the cutoff). Candidate pairs within
@@ -37,7 +45,19 @@ import torch
 from torch import Tensor, nn
 
 from ..data.neighbors import neighbor_list
-from ..units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
+from ..units import EV_TO_KJ_PER_MOL, MIN_DISTANCE, NM_TO_ANGSTROM
+
+# box vectors (nm) of an openmm.System whose periodic box was never set
+OPENMM_DEFAULT_BOX_NM = 2.0
+
+
+def _fixed(x: float, digits: int) -> str:
+    """``x >= 0`` with ``digits`` decimals (TorchScript has no "%.3f")."""
+    scale = 1
+    for _ in range(digits):
+        scale = scale * 10
+    m = int(round(x * scale))
+    return str(m // scale) + "." + str(scale + m % scale)[1:]
 
 
 class OpenMMPotential(nn.Module):
@@ -55,11 +75,22 @@ class OpenMMPotential(nn.Module):
             ``equiforce.data.neighbors.neighbor_list`` (cell list) and are reused until an atom has moved
             ``skin / 2`` or the box changes; every call keeps exactly the pairs with ``|r| < r_max``,
             so results equal a fresh neighbour search. ``skin = 0`` searches on every call.
+        allow_default_box: accept OpenMM's default box (2 nm cube) with ``periodic``; by default it
+            is refused, since a System has it exactly when its box vectors were never set.
+        check_min_distance: raise when two ML atoms are closer than ``metadata["min_distance"]``
+            (default True). OpenMM's ``LocalEnergyMinimizer`` (``Simulation.minimizeEnergy``) tries
+            trial steps of up to 1 nm in total, which can put two atoms of a small molecule on top of
+            each other; a force meant for minimising such a structure can turn the check off.
     """
 
     def __init__(self, model: torch.jit.ScriptModule, metadata: Dict[str, Any], species: Tensor,
-                 atoms: Optional[List[int]] = None, periodic: bool = False, skin: float = 1.0):
+                 atoms: Optional[List[int]] = None, periodic: bool = False, skin: float = 1.0,
+                 allow_default_box: bool = False, check_min_distance: bool = True):
         super().__init__()
+        self.min_distance = float(metadata.get("min_distance", MIN_DISTANCE))  # Å
+        self.check_min_distance = bool(check_min_distance)
+        self.allow_default_box = bool(allow_default_box)
+        self.default_box_nm = OPENMM_DEFAULT_BOX_NM
         dtype = {"float32": torch.float32, "float64": torch.float64}[metadata["dtype"]]
         self.model = model
         self.register_buffer("species", species.to(torch.long).clone())
@@ -113,6 +144,39 @@ class OpenMMPotential(nn.Module):
             self.cand_shift = shift
             self.rebuilds += 1
 
+    def _check_box(self, box_vectors: Tensor) -> None:
+        """ValueError for OpenMM's default box (a never-set System box) unless allowed."""
+        if self.allow_default_box:
+            return
+        default = torch.eye(3, dtype=torch.float64, device=box_vectors.device) * self.default_box_nm
+        if torch.equal(box_vectors.detach().to(torch.float64), default):
+            raise ValueError("equiforce OpenMMPotential: periodic=True but the box is OpenMM's default 2 nm cube, "
+                             "which a System has when its periodic box vectors were never set; set them "
+                             "(system.setDefaultPeriodicBoxVectors or context.setPeriodicBoxVectors), or create "
+                             "the force with periodic=False; if a 2 nm cubic box is intended, pass "
+                             "allow_default_box=True to create_force")
+
+    def _particle(self, k: int) -> int:
+        """OpenMM particle index of ML atom ``k``."""
+        return int(self.atoms[k]) if self.use_subset else k
+
+    def _check_min_distance(self, pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> None:
+        """RuntimeError naming the closest pair when two atoms are nearer than ``min_distance`` (Å)."""
+        if not self.check_min_distance or edge_index.shape[1] == 0:
+            return
+        vec = pos.index_select(0, edge_index[1]) - pos.index_select(0, edge_index[0]) + edge_shift
+        d2 = (vec * vec).sum(1)
+        k = int(torch.argmin(d2))
+        d = float(torch.sqrt(d2[k]))
+        if d < self.min_distance:
+            i = self._particle(int(edge_index[0, k]))
+            j = self._particle(int(edge_index[1, k]))
+            raise RuntimeError("equiforce OpenMMPotential: particles " + str(min(i, j)) + " and " + str(max(i, j))
+                               + " are " + _fixed(d / self.length_scale, 4) + " nm (" + _fixed(d, 3)
+                               + " Å) apart, closer than the model's minimum distance "
+                               + _fixed(self.min_distance, 3) + " Å (atoms on top of each other give a meaningless energy); fix the positions "
+                               "(duplicated atoms, a bad starting structure, or a time step too large)")
+
     def forward(self, positions: Tensor, box_vectors: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         positions = positions.detach()
         n_total = positions.shape[0]
@@ -128,11 +192,13 @@ class OpenMMPotential(nn.Module):
                                  "the ML region")
             pos_nm = positions
         pos = pos_nm.to(torch.float64) * self.length_scale  # Å, float64 whatever OpenMM passes
+        pos = pos - pos[:1]  # relative to the first ML atom, in float64 (see the module docstring)
         dtype = self.dtype_probe.dtype
         if self.periodic:
             if box_vectors is None:
                 raise ValueError("equiforce OpenMMPotential was created with periodic=True but OpenMM passed "
                                  "no box vectors; call setUsesPeriodicBoundaryConditions(True) on the force")
+            self._check_box(box_vectors)
             cell = box_vectors.detach().to(torch.float64) * self.length_scale  # rows a, b, c (Å)
             pbc = torch.tensor([True, True, True], device=pos.device)
         else:
@@ -149,6 +215,7 @@ class OpenMMPotential(nn.Module):
         keep = torch.nonzero((vec * vec).sum(1) < self.r_max * self.r_max).reshape(-1)
         edge_index = self.cand_index.index_select(1, keep)
         edge_shift = self.cand_shift.index_select(0, keep)
+        self._check_min_distance(pos, edge_index, edge_shift)
         energy, _, forces, _ = self.model(pos, self.species, edge_index, edge_shift, cell, self.n_ml)
         energy = energy.to(positions.dtype) * self.energy_scale
         forces = forces.to(positions.dtype) * self.force_scale
