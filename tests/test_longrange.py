@@ -418,7 +418,7 @@ def test_export_with_total_charge(tmp_path, periodic):
     assert abs(atoms.get_potential_energy() - float(e)) < 1e-10 * abs(float(e))
     atoms.info["charge"] = 0.0
     atoms.calc.reset()
-    with pytest.raises(ValueError, match=r"total charge 0.0 e .* exported for total charge 1 e"):
+    with pytest.raises(ValueError, match=r"total charge 0 e .* exported for total charge 1 e"):
         atoms.get_potential_energy()
 
     # `equiforce eval` on structures of another charge: a clear error naming the fix

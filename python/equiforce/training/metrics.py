@@ -1,0 +1,110 @@
+"""Error metrics, in one place: training epochs (:mod:`equiforce.training.loop`) and ``equiforce eval``
+(:mod:`equiforce.deploy.evaluate`) both sum their errors in an :class:`ErrorAccumulator`.
+
+Metrics (keys of :meth:`ErrorAccumulator.metrics`, :data:`METRIC_NAMES`):
+
+* ``energy_mae_mev_per_atom``: mean over structures of ``|E - E_ref| / n_atoms`` (meV/atom)
+* ``force_mae_mev_per_a``, ``force_rmse_mev_per_a``: over all Cartesian force components (meV/Å)
+* ``stress_mae_mev_per_a3``: over the 9 components of the structures with a stress label (meV/Å^3)
+* ``dipole_mae_e_a``: over the Cartesian components of the structures with a dipole label (e·Å)
+
+A metric with no data is NaN. This module imports only numpy (torch tensors are converted).
+"""
+import math
+from typing import Dict, Optional
+
+import numpy as np
+
+METRIC_NAMES = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",
+                "dipole_mae_e_a")
+
+
+def _np(x) -> np.ndarray:
+    """float64 numpy copy of a numpy array, a number or a (detached) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+class ErrorAccumulator:
+    """Sums of absolute and squared errors; gives the weighted MSE loss and the metrics."""
+
+    def __init__(self) -> None:
+        self.n_struct = 0
+        self.e_abs = self.e_sq = 0.0
+        self.n_comp = 0
+        self.f_abs = self.f_sq = 0.0
+        self.n_stress = 0
+        self.s_abs = self.s_sq = 0.0
+        self.n_dipole = 0
+        self.d_abs = self.d_sq = 0.0
+
+    def add_errors(self, energy_per_atom=None, forces=None, stress=None, dipole=None) -> None:
+        """Add prediction-minus-reference errors: energy per atom [B] (eV/atom), force components
+        (any shape, eV/Å), stress components of labelled structures (eV/Å^3), dipole components
+        of labelled structures (e·Å). ``None`` or empty adds nothing for that quantity."""
+        if energy_per_atom is not None:
+            de = _np(energy_per_atom).ravel()
+            self.n_struct += de.size
+            self.e_abs += float(np.abs(de).sum())
+            self.e_sq += float((de * de).sum())
+        if forces is not None:
+            df = _np(forces).ravel()
+            self.n_comp += df.size
+            self.f_abs += float(np.abs(df).sum())
+            self.f_sq += float((df * df).sum())
+        if stress is not None:
+            ds = _np(stress).ravel()
+            self.n_stress += ds.size
+            self.s_abs += float(np.abs(ds).sum())
+            self.s_sq += float((ds * ds).sum())
+        if dipole is not None:
+            dd = _np(dipole).ravel()
+            self.n_dipole += dd.size
+            self.d_abs += float(np.abs(dd).sum())
+            self.d_sq += float((dd * dd).sum())
+
+    def add(self, pred: Dict, batch: dict) -> None:
+        """Add a training batch: ``pred`` and ``batch`` as in :func:`equiforce.training.loop.predict`
+        (energy [B], forces [N, 3], stress [B, 3, 3] with mask ``has_stress``, dipole [B, 3] with mask
+        ``has_dipole``)."""
+        de = (pred["energy"].detach() - batch["energy"]) / batch["natoms"].to(pred["energy"].dtype)
+        df = pred["forces"].detach() - batch["forces"]
+        mask = batch["has_stress"]
+        ds = (pred["stress"].detach()[mask] - batch["stress"][mask]) if bool(mask.any()) else None
+        dd = None
+        if "dipole" in pred and "has_dipole" in batch and bool(batch["has_dipole"].any()):
+            m = batch["has_dipole"]
+            dd = pred["dipole"].detach()[m] - batch["dipole"][m]
+        self.add_errors(de, df, ds, dd)
+
+    def loss(self, config) -> float:
+        """Weighted sum of the mean squared errors over everything added, with the weights
+        ``energy_weight``, ``forces_weight``, ``stress_weight``, ``dipole_weight`` of ``config``
+        (a :class:`equiforce.training.config.TrainConfig`)."""
+        total = 0.0
+        if self.n_struct:
+            total += config.energy_weight * self.e_sq / self.n_struct
+        if self.n_comp:
+            total += config.forces_weight * self.f_sq / self.n_comp
+        if self.n_stress:
+            total += config.stress_weight * self.s_sq / self.n_stress
+        if self.n_dipole:
+            total += config.dipole_weight * self.d_sq / self.n_dipole
+        return total
+
+    def metrics(self) -> Dict[str, float]:
+        """The metrics of the module docstring (NaN where nothing was added)."""
+        nan = float("nan")
+        return {
+            "energy_mae_mev_per_atom": 1000.0 * self.e_abs / self.n_struct if self.n_struct else nan,
+            "force_mae_mev_per_a": 1000.0 * self.f_abs / self.n_comp if self.n_comp else nan,
+            "force_rmse_mev_per_a": 1000.0 * math.sqrt(self.f_sq / self.n_comp) if self.n_comp else nan,
+            "stress_mae_mev_per_a3": 1000.0 * self.s_abs / self.n_stress if self.n_stress else nan,
+            "dipole_mae_e_a": self.d_abs / self.n_dipole if self.n_dipole else nan,
+        }
+
+
+def nan_to_none(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """The same dict with NaN metrics as ``None`` (JSON output of ``equiforce eval``)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
