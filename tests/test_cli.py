@@ -13,7 +13,7 @@ from equiforce.cli import main
 from equiforce.deploy.evaluate import evaluate_exported
 from equiforce.deploy.export import export_model
 
-from test_data import LABEL_SPECIES, R_MAX, make_frames, write_dataset
+from helpers import LABEL_SPECIES, R_MAX, make_frames, write_dataset
 
 SMALL = ["--r-max", str(R_MAX), "--channels", "8", "--lmax", "1", "--layers", "2", "--threads", "1"]
 METRIC_KEYS = {"energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",

@@ -445,7 +445,7 @@ def test_export_with_total_charge(tmp_path, periodic):
 def test_training_run_and_cli_export(tmp_path):
     """Trainer (molecules and periodic cells in one data set, stress, rotation augmentation) and
     `equiforce export` with long_range = ewald; the exported file equals the trained model."""
-    from test_data import write_dataset
+    from helpers import write_dataset
 
     from equiforce.cli import main as cli_main
     from equiforce.training.config import build_config

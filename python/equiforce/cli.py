@@ -81,7 +81,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .training.config import build_config, read_yaml
-    from .training.loop import RESUMABLE, train
+    from .training.loop import train
 
     if args.config and args.config_file and args.config != args.config_file:
         raise ConfigError("give the configuration once (either positional or --config)")
@@ -94,11 +94,8 @@ def _run_train(args: argparse.Namespace) -> int:
         out = args.out or (read_yaml(yaml_path).get("out") if yaml_path else None)
         if not out:
             raise ConfigError("--resume needs the run directory: pass --out RUN_DIR")
+        # flags equal to the run's saved settings are fine; train() refuses changed ones (not RESUMABLE)
         given = {k: v for k, v in overrides.items() if v is not None and k != "out"}
-        bad = sorted(set(given) - set(RESUMABLE) - {"data"})
-        if bad:
-            raise ConfigError(f"cannot change {bad} when resuming (only {list(RESUMABLE)}); "
-                              "start a new run with another --out to change them")
         config = build_config(None, {"out": out})
         train(config, resume=True, progress=not args.no_progress, resume_overrides=given)
         return 0

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..data.dataset import closest_pair, min_distance_message
 from ..data.neighbors import neighbor_list
 from ..errors import DataError
 from ..units import MIN_DISTANCE, dtype_from_name
@@ -121,16 +122,11 @@ class ExportedRunner:
 
     def _check_min_distance(self, pos64: torch.Tensor, edge_index: torch.Tensor, shift64: torch.Tensor,
                             where: str) -> None:
-        if edge_index.shape[1] == 0:
-            return
-        d = torch.linalg.norm(pos64[edge_index[1]] - pos64[edge_index[0]] + shift64, dim=1)
-        k = int(torch.argmin(d))
-        if float(d[k]) < self.min_distance:
-            i, j = int(edge_index[0, k]), int(edge_index[1, k])
-            what = f"atoms {i} and {j} are" if i != j else f"atom {i} and its own periodic image are"
-            raise DataError(f"{self.owner}: in {where}, {what} {float(d[k]):.4g} Å apart, closer than the minimum "
-                            f"distance {self.min_distance:g} Å of '{self.path}' (equiforce.units.MIN_DISTANCE); the "
-                            "model is not valid there: move the atoms apart or remove the duplicate")
+        pair = closest_pair(pos64, edge_index, shift64)
+        if pair is not None and pair[2] < self.min_distance:
+            raise DataError(f"{self.owner}: in {where}, {min_distance_message(pair, self.min_distance)} of "
+                            f"'{self.path}' (equiforce.units.MIN_DISTANCE); the model is not valid there: move the "
+                            "atoms apart or remove the duplicate")
 
     def symbols(self, species_index) -> List[str]:
         """Element symbols of model species indices (any integer sequence)."""

@@ -8,15 +8,23 @@ Metrics (keys of :meth:`ErrorAccumulator.metrics`, :data:`METRIC_NAMES`):
 * ``stress_mae_mev_per_a3``: over the 9 components of the structures with a stress label (meV/Å^3)
 * ``dipole_mae_e_a``: over the Cartesian components of the structures with a dipole label (e·Å)
 
-A metric with no data is NaN. This module imports only numpy (torch tensors are converted).
+A metric with no data is NaN. :class:`MetricsLog` writes them to a run's ``metrics.csv`` (one row
+per SAVED epoch: the row is written after the epoch's checkpoint). This module imports only numpy
+(torch tensors are converted).
 """
+import csv
 import math
-from typing import Dict, Optional
+import os
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 METRIC_NAMES = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",
                 "dipole_mae_e_a")
+
+
+CSV_COLUMNS = (["epoch", "lr", "train_loss", "val_loss"] + [f"train_{m}" for m in METRIC_NAMES]
+               + [f"val_{m}" for m in METRIC_NAMES] + ["time_s"])
 
 
 def _np(x) -> np.ndarray:
@@ -108,3 +116,44 @@ class ErrorAccumulator:
 def nan_to_none(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
     """The same dict with NaN metrics as ``None`` (JSON output of ``equiforce eval``)."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def _fmt(v: float) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+
+
+class MetricsLog:
+    """A run's ``metrics.csv`` (columns :data:`CSV_COLUMNS`, units in the names).
+
+    ``MetricsLog(path, resume_epoch=None)`` starts a new file; with ``resume_epoch`` (the epoch of
+    the checkpoint a run resumes from) it keeps the rows up to that epoch and drops any later ones,
+    so a resumed run never repeats an epoch's row.
+    """
+
+    def __init__(self, path: str, resume_epoch: Optional[int] = None):
+        self.path = path
+        rows = []
+        if resume_epoch is not None and os.path.isfile(path):
+            with open(path, newline="") as fh:
+                reader = csv.reader(fh)
+                next(reader, None)
+                for row in reader:
+                    try:
+                        if row and int(row[0]) <= resume_epoch:
+                            rows.append(row)
+                    except ValueError:
+                        continue
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def append(self, epoch: int, lr: float, train_loss: float, val_loss: float, train: Dict[str, float],
+               val: Dict[str, float], time_s: float) -> None:
+        """One row: the epoch, learning rate, losses, the train and validation metrics, elapsed seconds."""
+        values: Sequence[float] = ([lr, train_loss, val_loss] + [train[m] for m in METRIC_NAMES]
+                                   + [val[m] for m in METRIC_NAMES] + [time_s])
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow([epoch] + [_fmt(float(v)) for v in values])
