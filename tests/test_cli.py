@@ -6,6 +6,7 @@ import sys
 
 import ase.io
 import numpy as np
+import pytest
 import torch
 
 from equiforce.model.analytic import AnalyticMessageModel
@@ -35,6 +36,7 @@ def assert_user_error(capsys, fragment, *argv):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_train_export_info_eval_plot(tmp_path, capsys):
     data = write_dataset(tmp_path / "train.extxyz", n=8, periodic=2, seed=3)
     run, model = tmp_path / "run", tmp_path / "model.pt"
@@ -171,6 +173,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert_user_error(capsys, "element(s) ['O']", "eval", model_path, write_dataset(tmp_path / "d.extxyz", n=2))
 
 
+@pytest.mark.slow
 def test_console_entry_point_no_traceback(tmp_path):
     empty = tmp_path / "empty.extxyz"
     empty.write_text("")

@@ -283,6 +283,7 @@ def test_metadata_names_the_custom_ops(exported):
     assert load_exported(exported["portable"])[1]["custom_ops"] == []
 
 
+@pytest.mark.slow
 def test_portable_file_loads_in_plain_torch_and_fused_file_names_the_missing_op(exported):
     """A process that never imports equiforce: the portable file runs, the fused one fails naming
     the op (the fix: load libequiforce_ops.so, which the LAMMPS plugin and equiforce do)."""
@@ -304,6 +305,8 @@ def test_portable_file_loads_in_plain_torch_and_fused_file_names_the_missing_op(
     assert abs(e_portable - e_fused) < 1e-12 * max(1.0, abs(e_portable))
 
 
+@pytest.mark.lammps
+@pytest.mark.mpi
 @pytest.mark.parametrize("name,nprocs,style", [
     ("bulk", 1, "pair_style equiforce device cpu"),
     ("triclinic", 1, "pair_style equiforce path ghost_shell"),
@@ -326,6 +329,7 @@ def test_lammps_runs_the_fused_file(exported, tmp_path, name, nprocs, style):
     assert float(np.abs(ref["forces"]).max()) > 1e-3
 
 
+@pytest.mark.openmm
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_openmm_runs_the_fused_file(exported, platform):
     """OpenMM (periodic box, nm and kJ/mol) with the fused file vs the portable file from Python."""

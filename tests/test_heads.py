@@ -156,6 +156,7 @@ def loop_work(model, pos, species, key, steps=400, radius=0.15):
     return float((0.5 * (forces[1:] + forces[:-1]) * dr).sum())
 
 
+@pytest.mark.slow
 def test_direct_forces_are_equivariant_but_not_conservative():
     pos, species = molecule(n=5)
     model = make_model(direct_forces=True)

@@ -354,6 +354,7 @@ def exported_args(pos, species, cell):
     return pos_t, torch.tensor(species), ei, es, cell_t, len(pos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("periodic", [True, False])
 def test_export_matches_eager(tmp_path, periodic):
     rng = np.random.default_rng(13)
@@ -508,6 +509,7 @@ def openmm_energy_forces(path, pos, species, cell, platform, periodic, rng=None)
     return e, f
 
 
+@pytest.mark.openmm
 @pytest.mark.parametrize("platform,periodic", [("Reference", True), ("CPU", True), ("CPU", False)])
 def test_openmm_matches_python(tmp_path, platform, periodic):
     pytest.importorskip("openmm")
@@ -552,6 +554,7 @@ def lammps_case(tmp_path_factory):
     return s, data, path, python_reference(path, s)
 
 
+@pytest.mark.lammps
 def test_lammps_serial_matches_python(lammps_case, tmp_path):
     from lammps_util import deck, parse_result, read_dump, run_lmp
 
@@ -580,6 +583,8 @@ def _lammps_outputs(proc, dump):
     return energy, press6, forces, fr["c_pea"][order], fr["c_prop"][order]
 
 
+@pytest.mark.lammps
+@pytest.mark.mpi
 @pytest.mark.parametrize("nprocs,grid", [(1, ""), (2, "2 1 1"), (4, "1 2 2"), (4, "4 1 1")])
 def test_lammps_mpi_matches_python(lammps_case, tmp_path, nprocs, grid):
     """Several ranks (and `path gather` on one): every rank gathers all atoms and edges and
@@ -601,6 +606,8 @@ def test_lammps_mpi_matches_python(lammps_case, tmp_path, nprocs, grid):
     assert abs(pea.sum() - energy) < 1e-8 * abs(energy)  # per-atom energies add up once, not per rank
 
 
+@pytest.mark.lammps
+@pytest.mark.openmm
 def test_openmm_on_the_lammps_system(lammps_case):
     """The system of the LAMMPS tests (periodic, triclinic, learned charges) through OpenMM's
     Reference and CPU platforms: the same numbers as Python (hence as LAMMPS on 1, 2 and 4 ranks,
@@ -616,6 +623,8 @@ def test_openmm_on_the_lammps_system(lammps_case):
         assert rel_err(f / (EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM), ref["forces"]) < 1e-8
 
 
+@pytest.mark.lammps
+@pytest.mark.mpi
 def test_lammps_mpi_md_equals_serial(lammps_case, tmp_path):
     """100 NVE steps at 1500 K with a long-range model (overlaid on a soft repulsion: the random
     model's ions would otherwise collapse): 1 rank (serial images) and 2 and 4 ranks (gather)
@@ -651,6 +660,7 @@ def test_lammps_mpi_md_equals_serial(lammps_case, tmp_path):
         assert rel_err(fn, f1) < 1e-8
 
 
+@pytest.mark.lammps
 def test_lammps_ghost_shell_refuses_long_range_model(lammps_case, tmp_path):
     from lammps_util import deck, run_lmp
 

@@ -23,6 +23,8 @@ from equiforce.deploy.export import ModelFileError, export_model, load_exported
 from equiforce.openmm import (EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, create_force, create_mixed_system,
                               create_system, deserialize_system)
 
+pytestmark = pytest.mark.openmm
+
 SPECIES = ["H", "C", "O"]
 R_MAX = 4.0  # Å
 E_TOL = 1e-7  # kJ/mol
