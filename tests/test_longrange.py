@@ -18,9 +18,8 @@ from helpers import central_difference, random_rotation, random_triclinic_cell, 
 
 from equiforce.data.dataset import collate
 from equiforce.deploy.export import export_model, load_exported
-from equiforce.model.forces import model_outputs
-from equiforce.nn.electrostatics import (K_E, Electrostatics, electrostatic_per_atom, ewald_parameters,
-                                 strain_virial)
+from equiforce.model.forces import model_outputs, strain_virial
+from equiforce.nn.electrostatics import K_E, Electrostatics, electrostatic_per_atom, ewald_parameters
 from equiforce.model.network import EquiforceModel, ModelConfig
 from equiforce.data.neighbors import neighbor_list
 
@@ -142,7 +141,8 @@ def test_virial_equals_finite_strain(net):
     p, c = t(pos).requires_grad_(True), t(cell).requires_grad_(True)
     e = electrostatic_per_atom(p, t(q), c, 1e-13, 7.0).sum()
     gp, gc = torch.autograd.grad(e, [p, c])
-    virial = strain_virial(p.detach(), c.detach(), gp, gc).numpy()
+    batch = torch.zeros(len(pos), dtype=torch.long)
+    virial = strain_virial(p.detach(), c.detach()[None], gp, gc[None], batch, 1)[0].numpy()
 
     def strained(eps):
         m = np.eye(3) + eps

@@ -289,7 +289,7 @@ def test_float32_model_is_invariant_to_float32_precision():
 def test_bad_model_settings_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         EquiforceModel(ModelConfig(**bad), SPECIES)
-    with pytest.raises(ValueError, match="unknown model settings"):
+    with pytest.raises(ValueError, match="unknown model setting"):
         ModelConfig.from_dict({"rmax": 5.0})
 
 

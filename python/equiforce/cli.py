@@ -122,10 +122,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import torch
-
     from .deploy.export import export_model
-    from .training.loop import load_checkpoint, model_from_checkpoint
+    from .training.checkpoints import load_checkpoint, model_from_checkpoint
+    from .units import dtype_from_name
 
     path = args.run_dir
     if os.path.isdir(path):
@@ -133,7 +132,7 @@ def _run_export(args: argparse.Namespace) -> int:
     state = load_checkpoint(path)
     model, config = model_from_checkpoint(state, use_ema=True)
     dtype_name = args.dtype or config.dtype
-    dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    dtype = dtype_from_name(dtype_name)
     ex = state.get("example_structure")
     check = None
     if ex is not None:

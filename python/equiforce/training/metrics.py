@@ -35,42 +35,27 @@ def _np(x) -> np.ndarray:
 
 
 class ErrorAccumulator:
-    """Sums of absolute and squared errors; gives the weighted MSE loss and the metrics."""
+    """Sums of absolute and squared errors per quantity (``energy`` per atom, ``forces``, ``stress``,
+    ``dipole`` components); gives the weighted MSE loss and the metrics."""
+
+    QUANTITIES = ("energy", "forces", "stress", "dipole")
 
     def __init__(self) -> None:
-        self.n_struct = 0
-        self.e_abs = self.e_sq = 0.0
-        self.n_comp = 0
-        self.f_abs = self.f_sq = 0.0
-        self.n_stress = 0
-        self.s_abs = self.s_sq = 0.0
-        self.n_dipole = 0
-        self.d_abs = self.d_sq = 0.0
+        # quantity -> [number of values, sum |e|, sum e^2]
+        self.sums: Dict[str, list] = {q: [0, 0.0, 0.0] for q in self.QUANTITIES}
 
     def add_errors(self, energy_per_atom=None, forces=None, stress=None, dipole=None) -> None:
         """Add prediction-minus-reference errors: energy per atom [B] (eV/atom), force components
         (any shape, eV/Å), stress components of labelled structures (eV/Å^3), dipole components
         of labelled structures (e·Å). ``None`` or empty adds nothing for that quantity."""
-        if energy_per_atom is not None:
-            de = _np(energy_per_atom).ravel()
-            self.n_struct += de.size
-            self.e_abs += float(np.abs(de).sum())
-            self.e_sq += float((de * de).sum())
-        if forces is not None:
-            df = _np(forces).ravel()
-            self.n_comp += df.size
-            self.f_abs += float(np.abs(df).sum())
-            self.f_sq += float((df * df).sum())
-        if stress is not None:
-            ds = _np(stress).ravel()
-            self.n_stress += ds.size
-            self.s_abs += float(np.abs(ds).sum())
-            self.s_sq += float((ds * ds).sum())
-        if dipole is not None:
-            dd = _np(dipole).ravel()
-            self.n_dipole += dd.size
-            self.d_abs += float(np.abs(dd).sum())
-            self.d_sq += float((dd * dd).sum())
+        for q, err in zip(self.QUANTITIES, (energy_per_atom, forces, stress, dipole)):
+            if err is None:
+                continue
+            e = _np(err).ravel()
+            acc = self.sums[q]
+            acc[0] += e.size
+            acc[1] += float(np.abs(e).sum())
+            acc[2] += float((e * e).sum())
 
     def add(self, pred: Dict, batch: dict) -> None:
         """Add a training batch: ``pred`` and ``batch`` as in :func:`equiforce.training.loop.predict`
@@ -86,30 +71,25 @@ class ErrorAccumulator:
             dd = pred["dipole"].detach()[m] - batch["dipole"][m]
         self.add_errors(de, df, ds, dd)
 
+    def _mean(self, q: str, which: int) -> float:
+        n = self.sums[q][0]
+        return self.sums[q][which] / n if n else float("nan")
+
     def loss(self, config) -> float:
         """Weighted sum of the mean squared errors over everything added, with the weights
         ``energy_weight``, ``forces_weight``, ``stress_weight``, ``dipole_weight`` of ``config``
-        (a :class:`equiforce.training.config.TrainConfig`)."""
-        total = 0.0
-        if self.n_struct:
-            total += config.energy_weight * self.e_sq / self.n_struct
-        if self.n_comp:
-            total += config.forces_weight * self.f_sq / self.n_comp
-        if self.n_stress:
-            total += config.stress_weight * self.s_sq / self.n_stress
-        if self.n_dipole:
-            total += config.dipole_weight * self.d_sq / self.n_dipole
-        return total
+        (a :class:`equiforce.training.config.TrainConfig`); quantities with no data add nothing."""
+        weights = (config.energy_weight, config.forces_weight, config.stress_weight, config.dipole_weight)
+        return sum(w * self._mean(q, 2) for q, w in zip(self.QUANTITIES, weights) if self.sums[q][0])
 
     def metrics(self) -> Dict[str, float]:
         """The metrics of the module docstring (NaN where nothing was added)."""
-        nan = float("nan")
         return {
-            "energy_mae_mev_per_atom": 1000.0 * self.e_abs / self.n_struct if self.n_struct else nan,
-            "force_mae_mev_per_a": 1000.0 * self.f_abs / self.n_comp if self.n_comp else nan,
-            "force_rmse_mev_per_a": 1000.0 * math.sqrt(self.f_sq / self.n_comp) if self.n_comp else nan,
-            "stress_mae_mev_per_a3": 1000.0 * self.s_abs / self.n_stress if self.n_stress else nan,
-            "dipole_mae_e_a": self.d_abs / self.n_dipole if self.n_dipole else nan,
+            "energy_mae_mev_per_atom": 1000.0 * self._mean("energy", 1),
+            "force_mae_mev_per_a": 1000.0 * self._mean("forces", 1),
+            "force_rmse_mev_per_a": 1000.0 * math.sqrt(self._mean("forces", 2)),
+            "stress_mae_mev_per_a3": 1000.0 * self._mean("stress", 1),
+            "dipole_mae_e_a": self._mean("dipole", 1),
         }
 
 
