@@ -305,3 +305,20 @@ def test_float32_model_exports(tmp_path):
     pos, species, edge_index, shift = graph(atoms, model.r_max, torch.float32)
     e2 = module(pos, species, edge_index, shift, torch.zeros(3, 3), len(atoms))[0]
     assert abs(float(e2) - float(e)) < 1e-4 * max(1.0, abs(float(e)))
+
+
+def test_state_dict_of_a_checkpoint_with_the_old_rep_buffer_still_loads():
+    """0.1.0 checkpoints carry an unused ``tp.rep`` buffer (path index per output column): it is
+    ignored on load (strict), and the loaded weights and buffers equal the saved ones."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(r_max=3.0, channels=4, lmax=1, num_layers=2, radial_hidden=8, avg_num_neighbors=3.0)
+    model = EquiforceModel(cfg, ["H", "C"]).double()
+    state = model.state_dict()
+    assert not [k for k in state if k.endswith(".rep")]
+    tp_prefixes = sorted({k[: -len("cg")] for k in state if k.endswith("tp.cg")})
+    assert tp_prefixes, "no tensor-product buffers found"
+    old = dict(state, **{p + "rep": torch.zeros(5, dtype=torch.long) for p in tp_prefixes})
+    fresh = EquiforceModel(cfg, ["H", "C"]).double()
+    fresh.load_state_dict(old, strict=True)
+    for k, v in state.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
