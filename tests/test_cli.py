@@ -187,3 +187,35 @@ def test_console_entry_point_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "equiforce", "frobnicate"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_train_help_reaches_every_setting(capsys):
+    """Every TrainConfig / ModelConfig field has a `train` flag or switch, or is listed as YAML-only
+    (and named in --help); flags land on their settings with the right types."""
+    import dataclasses
+
+    from equiforce.cli import TRAIN_FLAGS, TRAIN_SWITCHES, TRAIN_YAML_ONLY, build_parser
+    from equiforce.model.network import ModelConfig
+    from equiforce.training.config import TrainConfig, build_config
+
+    keys = {f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    keys |= {"model." + f.name for f in dataclasses.fields(ModelConfig)}
+    reachable = {k for _, k, _, _ in TRAIN_FLAGS} | {k for _, k, _ in TRAIN_SWITCHES} | {"out"}
+    assert not (keys - reachable - set(TRAIN_YAML_ONLY)), sorted(keys - reachable - set(TRAIN_YAML_ONLY))
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, _, _, _ in TRAIN_FLAGS:
+        assert flag in text, flag
+    for key in TRAIN_YAML_ONLY:
+        assert key in text, key
+    args = parser.parse_args(["train", "--scheduler", "cosine", "--ema-decay", "0", "--resnet", "false",
+                              "--long-range", "ewald", "--radial-hidden", "16"])
+    overrides = {k: getattr(args, k.replace(".", "__")) for _, k, _, _ in TRAIN_FLAGS}
+    config = build_config(None, {k: v for k, v in overrides.items() if v is not None})
+    assert (config.scheduler, config.ema_decay, config.model.resnet, config.model.long_range,
+            config.model.radial_hidden) == ("cosine", 0.0, False, "ewald", 16)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--resnet", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
