@@ -108,3 +108,25 @@ def make_frames(n: int = 20, seed: int = 0, periodic: int = 0):
 def write_dataset(path, n: int = 20, seed: int = 0, periodic: int = 0) -> str:
     ase.io.write(str(path), make_frames(n, seed, periodic), format="extxyz")
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def make_model(species: Sequence[str], seed: int = 0, dtype=torch.float64, scale=None, shift=None,
+               dipole_scale=None, **settings):
+    """The one model factory of the tests: a seeded ``EquiforceModel(ModelConfig(**settings), species)``
+    in ``dtype``, with per-species ``scale`` / ``shift`` (eV; lists) and the dipole scale set when given.
+    Test modules keep their defaults in a dict and call this with them."""
+    from equiforce.model.network import EquiforceModel, ModelConfig
+
+    torch.manual_seed(seed)
+    model = EquiforceModel(ModelConfig(**settings), list(species)).to(dtype)
+    with torch.no_grad():
+        if scale is not None or shift is not None:
+            n = len(species)
+            model.set_scale_shift(torch.tensor(scale if scale is not None else [1.0] * n),
+                                  torch.tensor(shift if shift is not None else [0.0] * n))
+        if dipole_scale is not None and model.has_dipole:
+            model.set_dipole_scale(dipole_scale)
+    return model

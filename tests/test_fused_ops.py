@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import forces_virial_from_edge_grad
 from equiforce.model.network import EquiforceModel, ModelConfig
@@ -38,14 +40,12 @@ CONFIGS = {
 }
 
 
+MODEL = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12, avg_num_neighbors=12.0,
+             scale=[1.5, 0.7], shift=[-3.0, -1.0])
+
+
 def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    settings = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12,
-                    avg_num_neighbors=12.0)
-    settings.update(kw)
-    model = EquiforceModel(ModelConfig(**settings), SPECIES).double()
-    model.set_scale_shift(torch.tensor([1.5, 0.7]), torch.tensor([-3.0, -1.0]))
-    return model
+    return helpers.make_model(SPECIES, seed, **{**MODEL, **kw})
 
 
 def structure(kind, seed=1):

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from helpers import central_difference, random_rotation, random_triclinic_cell, rel_err
 
 from equiforce.data.dataset import collate
@@ -232,12 +234,10 @@ SPECIES = ["Na", "Cl"]
 
 
 def make_model(seed=0, dipole="none", **kw):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(r_max=R_MAX, channels=6, lmax=1, num_layers=2, radial_hidden=12, avg_num_neighbors=4.0,
-                      dipole=dipole, long_range="ewald", long_range_accuracy=1e-12, long_range_cutoff=7.0, **kw)
-    model = EquiforceModel(cfg, SPECIES).double()
+    model = helpers.make_model(SPECIES, seed, r_max=R_MAX, channels=6, lmax=1, num_layers=2, radial_hidden=12,
+                               avg_num_neighbors=4.0, dipole=dipole, long_range="ewald", long_range_accuracy=1e-12,
+                               long_range_cutoff=7.0, scale=[0.7, 1.3], shift=[-1.0, -2.0], **kw)
     with torch.no_grad():
-        model.set_scale_shift(torch.tensor([0.7, 1.3]), torch.tensor([-1.0, -2.0]))
         model.dipole_scale.fill_(20.0)  # e per unit of charge-head output
         model.charge_head.mlp[-1].weight.mul_(4.0)  # charges of order 1 e
     return model

@@ -7,6 +7,8 @@ import ase
 import numpy as np
 import pytest
 import torch
+
+import helpers
 from ase.neighborlist import neighbor_list
 
 from equiforce.deploy.export import export_model, load_exported
@@ -18,14 +20,12 @@ F64 = torch.float64
 SPECIES = ["H", "C", "O"]
 
 
+MODEL = dict(r_max=3.5, channels=8, lmax=2, num_layers=3, num_bessel=6, radial_hidden=16, avg_num_neighbors=4.0,
+             scale=[0.7, 1.3, 0.9], shift=[-13.6, -1029.8, -2041.1])
+
+
 def make_model(symmetry="O3", seed=0, dtype=F64, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(r_max=3.5, channels=8, lmax=2, num_layers=3, num_bessel=6, radial_hidden=16, symmetry=symmetry,
-               avg_num_neighbors=4.0)
-    cfg.update(kw)
-    model = EquiforceModel(ModelConfig(**cfg), SPECIES).to(dtype)
-    model.set_scale_shift(torch.tensor([0.7, 1.3, 0.9]), torch.tensor([-13.6, -1029.8, -2041.1]))
-    return model
+    return helpers.make_model(SPECIES, seed, dtype, symmetry=symmetry, **{**MODEL, **kw})
 
 
 def graph(atoms: ase.Atoms, r_max: float, dtype=F64):

@@ -131,3 +131,25 @@ def test_resume_on_an_empty_directory_with_model_flags(tmp_path, capsys):
     assert code == 2
     assert f"nothing to resume in '{empty}'" in err and "run without --resume" in err, err
     assert os.listdir(empty) == []
+
+
+class _InterruptWhilePickled:
+    """Raises KeyboardInterrupt when torch.save reaches it: Ctrl-C in the middle of a checkpoint write."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_checkpoint_write_keeps_the_best_checkpoint(dataset, tmp_path):
+    from equiforce.training.checkpoints import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    train(config(dataset, out), progress=False, log=lambda s: None)
+    best = (out / "best.pt").read_bytes()
+    state = load_checkpoint(str(out / "best.pt"))
+    big = dict(state, padding=np.zeros(200000), boom=_InterruptWhilePickled())  # some bytes are written first
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(out / "best.pt"), big)
+    assert (out / "best.pt").read_bytes() == best
+    assert not os.path.exists(str(out / "best.pt") + ".tmp")
+    assert load_checkpoint(str(out / "best.pt"))["epoch"] == 1
