@@ -153,3 +153,31 @@ def test_interrupted_checkpoint_write_keeps_the_best_checkpoint(dataset, tmp_pat
     assert (out / "best.pt").read_bytes() == best
     assert not os.path.exists(str(out / "best.pt") + ".tmp")
     assert load_checkpoint(str(out / "best.pt"))["epoch"] == 1
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_out_that_is_or_lies_under_a_file_is_refused(dataset, tmp_path, capsys, where):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me\n")
+    out = afile if where == "file" else afile / "run"
+    code, _, err = cli(capsys, "train", "--data", dataset, "--out", out, "--epochs", 1, "--no-progress", *SMALL)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    expected = "is a file, not a directory; give a directory" if where == "file" else \
+        f"cannot create the run directory '{out}': '{afile}' is a file, not a directory; choose another --out"
+    assert expected in err, err
+    assert afile.read_text() == "keep me\n"
+
+
+def test_data_errors_name_the_file_the_structure_and_the_fix(tmp_path, capsys):
+    good = write_dataset(tmp_path / "d.extxyz", n=4)
+    text = open(good).read()
+    (tmp_path / "zz.extxyz").write_text(text.replace("\nO ", "\nZz ", 1))
+    first_energy = text.split("energy=")[1].split()[0]
+    (tmp_path / "abc.extxyz").write_text(text.replace(f"energy={first_energy}", "energy=abc", 1))
+    (tmp_path / "adir").mkdir()
+    cases = {"zz.extxyz": "holds the element symbol 'Zz', which is not a chemical element; fix that atom's symbol",
+             "abc.extxyz": "abc.extxyz' structure 0: label 'energy' holds 'abc', not numbers; fix the value",
+             "adir": "adir' is a directory, not a data file; pass an extxyz file with --data"}
+    for name, fragment in cases.items():
+        code, _, err = cli(capsys, "train", "--data", tmp_path / name, "--out", tmp_path / f"run_{name}", *SMALL)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, (name, err)

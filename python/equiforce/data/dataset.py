@@ -44,6 +44,8 @@ def read_structures(path: str) -> list:
     """All structures of an extxyz (or any ASE-readable) file, with clear errors."""
     import ase.io
 
+    if os.path.isdir(path):
+        raise DataError(f"'{path}' is a directory, not a data file; pass an extxyz file with --data")
     if not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist; pass an extxyz file with --data")
     if os.path.getsize(path) == 0:
@@ -51,6 +53,10 @@ def read_structures(path: str) -> list:
     try:
         frames = ase.io.read(path, index=":")
     except Exception as exc:  # ASE raises many kinds of errors on malformed files
+        symbol = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+        if isinstance(symbol, str) and symbol not in atomic_numbers and symbol.isalpha() and len(symbol) <= 3:
+            raise DataError(f"'{path}' holds the element symbol '{symbol}', which is not a chemical element; "
+                            "fix that atom's symbol in the file (e.g. H, C, O)") from None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot read '{path}' with ASE ({msg}); it must be an extxyz file") from None
     if not isinstance(frames, list):
@@ -70,7 +76,7 @@ def _available_keys(atoms) -> str:
     return ", ".join(keys) if keys else "(none)"
 
 
-def _lookup(atoms, key: str, per_atom: bool) -> Optional[np.ndarray]:
+def _lookup(atoms, key: str, per_atom: bool, where: str = "a structure") -> Optional[np.ndarray]:
     store = atoms.arrays if per_atom else atoms.info
     results = _calc_results(atoms)
     if key in store:
@@ -82,7 +88,8 @@ def _lookup(atoms, key: str, per_atom: bool) -> Optional[np.ndarray]:
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise DataError(f"label '{key}' holds {value!r}, not numbers") from None
+        raise DataError(f"{where}: label '{key}' holds {value!r}, not numbers; fix the value in the file "
+                        "or name the right label (--energy-key, --forces-key, --stress-key, --dipole-key)") from None
 
 
 def _stress_3x3(value: np.ndarray, where: str) -> np.ndarray:
@@ -99,11 +106,11 @@ def extract_labels(atoms, index: int, path: str, energy_key: str = "energy", for
                    stress_key: str = "stress") -> Tuple[float, np.ndarray, Optional[np.ndarray]]:
     """``(energy eV, forces [n, 3] eV/Å, stress [3, 3] eV/Å^3 or None)`` of one structure."""
     where = f"'{path}' structure {index}"
-    energy = _lookup(atoms, energy_key, per_atom=False)
+    energy = _lookup(atoms, energy_key, per_atom=False, where=where)
     if energy is None:
         raise DataError(f"{where} has no energy under key '{energy_key}' (keys found: {_available_keys(atoms)}); "
                         "set energy_key (--energy-key) to the right name")
-    forces = _lookup(atoms, forces_key, per_atom=True)
+    forces = _lookup(atoms, forces_key, per_atom=True, where=where)
     if forces is None:
         raise DataError(f"{where} has no forces under key '{forces_key}' (keys found: {_available_keys(atoms)}); "
                         "set forces_key (--forces-key) to the right name")
@@ -111,7 +118,7 @@ def extract_labels(atoms, index: int, path: str, energy_key: str = "energy", for
         raise DataError(f"{where}: energy '{energy_key}' must be one number, got shape {energy.shape}")
     if forces.shape != (len(atoms), 3):
         raise DataError(f"{where}: forces '{forces_key}' must have shape ({len(atoms)}, 3), got {forces.shape}")
-    stress_raw = _lookup(atoms, stress_key, per_atom=False)
+    stress_raw = _lookup(atoms, stress_key, per_atom=False, where=where)
     stress = None if stress_raw is None else _stress_3x3(stress_raw, where)
     for name, value in (("energy", energy), ("forces", forces), ("stress", stress),
                         ("positions", atoms.positions), ("cell", atoms.cell.array)):
@@ -122,7 +129,7 @@ def extract_labels(atoms, index: int, path: str, energy_key: str = "energy", for
 
 def extract_dipole(atoms, index: int, path: str, dipole_key: str = "dipole") -> Optional[np.ndarray]:
     """Dipole label [3] (e·Å) of one structure, or None when it has none."""
-    value = _lookup(atoms, dipole_key, per_atom=False)
+    value = _lookup(atoms, dipole_key, per_atom=False, where=f"'{path}' structure {index}")
     if value is None:
         return None
     if value.size != 3 or not np.all(np.isfinite(value)):

@@ -343,6 +343,22 @@ def _load_split(config: TrainConfig, state: Optional[dict], progress: bool):
     return species, [graphs[k] for k in train_idx], [graphs[k] for k in val_idx], split, isolated
 
 
+def _check_run_directory(out: str) -> None:
+    """ConfigError unless ``out`` is a directory or can be created as one (checked before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out '{out}' is a file, not a directory; give a directory for the run (it is created "
+                          "when missing)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create the run directory '{out}': '{parent}' is a file, not a directory; "
+                          "choose another --out")
+    if not os.path.isdir(out) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the run directory '{out}': no write permission in '{parent}'; "
+                          "choose another --out")
+
+
 def _setup(config: TrainConfig, resume: bool, progress: bool,
            resume_overrides: Optional[Dict[str, object]]) -> _Run:
     """Configuration, data, model, optimiser, scheduler and EMA of a new or resumed run."""
@@ -354,6 +370,7 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
                           "or choose another --out")
     if not config.data:
         raise ConfigError("no training data given; pass --data FILE.extxyz (or set 'data' in the config)")
+    _check_run_directory(config.out)
     if state is None:
         config = config.replace(data=os.path.abspath(config.data))  # resumable from any directory
     device = torch.device(config.device)
@@ -483,7 +500,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
            resume_overrides: Optional[Dict[str, object]]) -> dict:
     run = _setup(config, resume, progress, resume_overrides)
     config = run.config
-    os.makedirs(config.out, exist_ok=True)
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory '{config.out}' ({exc.strerror}); choose another --out") \
+            from None
     metrics_log = MetricsLog(os.path.join(config.out, "metrics.csv"),
                              resume_epoch=run.start_epoch - 1 if run.state is not None else None)
     log(f"equiforce {__version__}: {len(run.train_graphs)} train / {len(run.val_graphs)} val / "
