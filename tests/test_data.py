@@ -10,10 +10,8 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.training.config import DataError
 from equiforce.data.dataset import (atoms_to_graph, average_num_neighbors, collate, load_dataset, split_indices,
                             species_from_structures)

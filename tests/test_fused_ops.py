@@ -19,7 +19,6 @@ import helpers
 
 from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import forces_virial_from_edge_grad
-from equiforce.model.network import EquiforceModel, ModelConfig
 from equiforce.data.neighbors import neighbor_list
 from equiforce.deploy.ops import ops_library_path
 from equiforce.nn.tensor_product import EdgeTensorProduct, FusedTensorProduct

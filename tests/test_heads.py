@@ -17,7 +17,6 @@ from equiforce.training.config import ConfigError, DataError, TrainConfig
 from equiforce.data.dataset import collate
 from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import model_outputs
-from equiforce.model.network import EquiforceModel, ModelConfig
 from equiforce.data.neighbors import neighbor_list
 from equiforce.training.loop import predict, rotate_batch
 

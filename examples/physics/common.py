@@ -18,8 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "python"))  # runs from a clean checkout before `pip install`
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
 from equiforce.o3.rotations import random_rotation  # noqa: E402,F401  (re-exported for the scripts)
 
 RESULTS = os.path.join(REPO, "examples", "physics", "results")

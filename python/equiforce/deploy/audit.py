@@ -11,13 +11,11 @@ checks, with the worst error of each:
 
 A model that breaks a symmetry (a bug, or a hand-made module) fails the corresponding line.
 """
-import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..o3.rotations import random_rotation
 from .runner import ExportedRunner
