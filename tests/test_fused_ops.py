@@ -24,7 +24,7 @@ from equiforce.deploy.ops import ops_library_path
 from equiforce.nn.tensor_product import EdgeTensorProduct, FusedTensorProduct
 from equiforce.o3.irreps import Irreps, spherical_harmonics_irreps
 from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, write_data
-from test_lammps import assert_matches, bulk, triclinic
+from lammps_util import assert_matches, bulk, triclinic
 
 F64 = torch.float64
 SPECIES = ["Si", "C"]
