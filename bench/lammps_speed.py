@@ -156,9 +156,10 @@ def openmm_steps_per_s(model: str, n: int, steps: int) -> Dict[str, float]:
 def python_seconds(model_path: str, pos: np.ndarray, cell: np.ndarray, repeats: int) -> float:
     """Median seconds of one exported-module call (energy, forces, virial); neighbour list outside."""
     from equiforce.deploy.export import load_exported
+    from equiforce.units import dtype_from_name
 
     module, meta = load_exported(model_path)
-    dt = torch.float64 if meta["dtype"] == "float64" else torch.float32
+    dt = dtype_from_name(meta["dtype"])
     with torch.jit.optimized_execution(False):  # as the C++ runtime runs the file
         return _python_seconds(module, meta, pos, cell, repeats, dt)
 

@@ -26,8 +26,9 @@
 // dst; the backward pass twice: grouped by row of w (gradients of w and sh; both edges of a reverse
 // pair in one iteration), then grouped by src (gradient of x). Counting sorts, O(E); every thread
 // owns the rows it accumulates into: no atomics, no per-thread copies, no zero-filled buffers,
-// results independent of the thread count. No second derivative: the backward refuses to run under create_graph (training
-// with a force loss uses the PyTorch path, see EdgeTensorProduct.use_fused).
+// results independent of the thread count. No second derivative: the backward refuses to run under
+// create_graph (training with a force loss needs it, so training uses the PyTorch path; the op is on
+// only in EquiforceModel.use_fused_kernels(), called by for_export()).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>

@@ -6,6 +6,10 @@
   by its soname. ``make test`` also exports LD_LIBRARY_PATH, for subprocesses (``lmp``, ``mpirun``).
 - Every test gets torch's default dtype back as it was (tests that need float64 set it themselves,
   through a fixture that restores it; a test that forgets cannot change the dtype of later tests).
+- Markers (registered in pyproject.toml): ``lammps``, ``mpi``, ``openmm``, ``slow``. Test modules
+  mark their tests themselves; the LAMMPS module (tests/test_lammps.py) is marked here:
+  ``lammps`` on every test, ``mpi`` on those with an ``nprocs`` parameter above 1 or "mpi" / "ranks"
+  in their name. ``pytest -m "not lammps and not mpi and not openmm"`` runs the unit tests alone.
 - Fixtures: ``repo_root`` (path), ``xtb_ethanol_dataset`` (a small real GFN2-xTB ethanol data set,
   cached under ``<repo>/data_cache`` so it is made once per checkout).
 """
@@ -32,6 +36,19 @@ def _preload_mpi() -> None:
 
 
 _preload_mpi()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``lammps`` / ``mpi`` markers for tests/test_lammps.py (see the module docstring)."""
+    for item in items:
+        if os.path.basename(str(item.fspath)) != "test_lammps.py":
+            continue
+        item.add_marker(pytest.mark.lammps)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        nprocs = params.get("nprocs", 1)
+        case = str(params.get("case", ""))
+        if (isinstance(nprocs, int) and nprocs > 1) or "mpi" in item.name or "ranks" in case:
+            item.add_marker(pytest.mark.mpi)
 
 
 @pytest.fixture(autouse=True)

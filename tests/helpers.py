@@ -5,8 +5,14 @@ Import from a test file as ``from helpers import ...`` (pytest puts tests/ on sy
 from typing import Callable, Sequence
 
 import ase
+import ase.io
 import numpy as np
+import torch
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.neighborlist import neighbor_list as ase_neighbor_list
 
+from equiforce.model.analytic import AnalyticMessageModel
+from equiforce.model.forces import energy_forces_virial
 from equiforce.o3.rotations import random_rotation  # noqa: F401  (re-exported for the tests)
 
 
@@ -54,3 +60,73 @@ def rel_err(a, b) -> float:
     """max |a - b| / max(|b|, tiny): relative error of ``a`` against the reference ``b``."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+# ---------------------------------------------------------------------------------------------
+# labelled data sets: H/O clusters (and small periodic cells) labelled by the analytic model
+# ---------------------------------------------------------------------------------------------
+LABEL_SPECIES = ["H", "O"]
+R_MAX = 4.0
+
+
+def reference_labels(atoms: ase.Atoms, model=None):
+    """(energy eV, forces [n, 3], stress [3, 3] or None) of the analytic model, with ASE's edges."""
+    model = model or AnalyticMessageModel(LABEL_SPECIES, r_max=R_MAX, num_layers=2)
+    i, j, S = ase_neighbor_list("ijS", atoms, model.r_max)
+    species = torch.tensor([model.species_names.index(s) for s in atoms.get_chemical_symbols()])
+    e, _, f, v = energy_forces_virial(
+        model, torch.tensor(atoms.positions, dtype=torch.float64), species, torch.tensor(np.stack([i, j]), dtype=torch.long),
+        torch.tensor(S @ atoms.cell.array, dtype=torch.float64), torch.zeros(len(atoms), dtype=torch.long), 1)
+    stress = -v[0].detach().numpy() / atoms.get_volume() if atoms.pbc.all() else None
+    return float(e.detach()[0]), f.detach().numpy(), stress
+
+
+def make_frames(n: int = 20, seed: int = 0, periodic: int = 0):
+    """``n`` distorted 5-atom H/O clusters (plus ``periodic`` small periodic H/O cells with stress),
+    labelled by the analytic model; labels are attached as ASE's extxyz reader would (calculator)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[0, 0, 0], [2.2, 0, 0], [0, 2.2, 0], [0, 0, 2.2], [2.0, 2.0, 0.3]], float)
+    frames = []
+    for _ in range(n):
+        frames.append(ase.Atoms("OHHOH", positions=base + rng.normal(scale=0.15, size=base.shape)))
+    for _ in range(periodic):
+        cell = np.diag([4.4, 4.6, 4.8]) + rng.uniform(-0.3, 0.3, size=(3, 3))
+        while True:  # random positions, no pair (images included) closer than 0.9 Å
+            atoms = ase.Atoms("OHHO", scaled_positions=rng.uniform(size=(4, 3)), cell=cell, pbc=True)
+            if ase_neighbor_list("d", atoms, 0.9).size == 0:
+                break
+        frames.append(atoms)
+    for atoms in frames:
+        e, f, s = reference_labels(atoms)
+        results = {"energy": e, "forces": f}
+        if s is not None:
+            results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        atoms.calc = SinglePointCalculator(atoms, **results)
+    return frames
+
+
+def write_dataset(path, n: int = 20, seed: int = 0, periodic: int = 0) -> str:
+    ase.io.write(str(path), make_frames(n, seed, periodic), format="extxyz")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def make_model(species: Sequence[str], seed: int = 0, dtype=torch.float64, scale=None, shift=None,
+               dipole_scale=None, **settings):
+    """The one model factory of the tests: a seeded ``EquiforceModel(ModelConfig(**settings), species)``
+    in ``dtype``, with per-species ``scale`` / ``shift`` (eV; lists) and the dipole scale set when given.
+    Test modules keep their defaults in a dict and call this with them."""
+    from equiforce.model.network import EquiforceModel, ModelConfig
+
+    torch.manual_seed(seed)
+    model = EquiforceModel(ModelConfig(**settings), list(species)).to(dtype)
+    with torch.no_grad():
+        if scale is not None or shift is not None:
+            n = len(species)
+            model.set_scale_shift(torch.tensor(scale if scale is not None else [1.0] * n),
+                                  torch.tensor(shift if shift is not None else [0.0] * n))
+        if dipole_scale is not None and model.has_dipole:
+            model.set_dipole_scale(dipole_scale)
+    return model

@@ -1,6 +1,7 @@
 """Helpers for the LAMMPS tests: structures in LAMMPS box form, data files, decks, reference
 values from the Python exported module, and runners for `lmp` (optionally under mpirun) and for
-the `lammps` Python module.
+the `lammps` Python module; the structures and the comparison shared by test_lammps.py and
+test_fused_ops.py (bulk, triclinic, assert_matches), so no test module imports another.
 
 Positions are in Å, energies in eV, forces in eV/Å; LAMMPS pressures (units metal) in bar.
 """
@@ -201,3 +202,65 @@ def installed_plugin() -> str:
 
 def mpirun_available() -> bool:
     return os.path.exists(os.path.join(VENV_BIN, "mpirun")) or shutil.which("mpirun") is not None
+
+
+# ---- shared structures and the comparison with the Python reference (test_lammps, test_fused_ops) ----
+ELEMENTS = ["Si", "C"]
+E_TOL = 1e-10  # eV/atom
+F_TOL = 1e-9  # eV/Å
+P_RTOL = 1e-8
+
+
+def _random_positions(cell, n, min_dist, rng, pbc=True):
+    pos = []
+    while len(pos) < n:
+        p = rng.random(3) @ cell
+        ok = True
+        for q in pos:
+            d = p - q
+            if pbc:
+                frac = np.linalg.solve(cell.T, d)
+                d = (frac - np.round(frac)) @ cell
+            if np.linalg.norm(d) < min_dist:
+                ok = False
+                break
+        if ok:
+            pos.append(p)
+    return np.array(pos)
+
+
+def bulk():
+    """64 atoms, 2 species, perturbed simple cubic, periodic orthogonal box 10.4 Å."""
+    rng = np.random.default_rng(5)
+    g = np.arange(4) * 2.6
+    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.3 + rng.normal(0, 0.12, (64, 3))
+    cell = lammps_cell(10.4, 10.4, 10.4)
+    symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 64)]
+    return Structure(wrap(pos, cell), symbols, cell, pbc=True)
+
+
+def triclinic():
+    rng = np.random.default_rng(8)
+    cell = lammps_cell(8.2, 7.6, 8.0, xy=1.3, xz=-0.9, yz=1.1)
+    pos = _random_positions(cell, 40, 1.9, rng)
+    symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 40)]
+    return Structure(wrap(pos, cell), symbols, cell, pbc=True)
+
+
+def _by_tag(s, ref):
+    order = np.argsort(s.tags)
+    return {"tags": s.tags[order], "forces": ref["forces"][order], "atom_energy": ref["atom_energy"][order],
+            "positions": s.positions[order]}
+
+
+def assert_matches(s, ref, energy, press6, tags, forces, atom_energy):
+    n = len(s.symbols)
+    r = _by_tag(s, ref)
+    order = np.argsort(tags)
+    np.testing.assert_array_equal(np.asarray(tags)[order], r["tags"])
+    assert abs(energy - ref["energy"]) / n < E_TOL, (energy, ref["energy"])
+    df = np.abs(np.asarray(forces)[order] - r["forces"]).max()
+    assert df < F_TOL, df
+    np.testing.assert_allclose(np.asarray(atom_energy)[order], r["atom_energy"], rtol=0, atol=E_TOL)
+    scale = max(np.abs(ref["pressure6"]).max(), 1e-300)
+    assert np.abs(press6 - ref["pressure6"]).max() / scale < P_RTOL, (press6, ref["pressure6"])

@@ -6,6 +6,7 @@ import sys
 
 import ase.io
 import numpy as np
+import pytest
 import torch
 
 from equiforce.model.analytic import AnalyticMessageModel
@@ -13,7 +14,7 @@ from equiforce.cli import main
 from equiforce.deploy.evaluate import evaluate_exported
 from equiforce.deploy.export import export_model
 
-from test_data import LABEL_SPECIES, R_MAX, make_frames, write_dataset
+from helpers import LABEL_SPECIES, R_MAX, make_frames, write_dataset
 
 SMALL = ["--r-max", str(R_MAX), "--channels", "8", "--lmax", "1", "--layers", "2", "--threads", "1"]
 METRIC_KEYS = {"energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",
@@ -35,6 +36,7 @@ def assert_user_error(capsys, fragment, *argv):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_train_export_info_eval_plot(tmp_path, capsys):
     data = write_dataset(tmp_path / "train.extxyz", n=8, periodic=2, seed=3)
     run, model = tmp_path / "run", tmp_path / "model.pt"
@@ -171,6 +173,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert_user_error(capsys, "element(s) ['O']", "eval", model_path, write_dataset(tmp_path / "d.extxyz", n=2))
 
 
+@pytest.mark.slow
 def test_console_entry_point_no_traceback(tmp_path):
     empty = tmp_path / "empty.extxyz"
     empty.write_text("")
@@ -184,3 +187,35 @@ def test_console_entry_point_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "equiforce", "frobnicate"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_train_help_reaches_every_setting(capsys):
+    """Every TrainConfig / ModelConfig field has a `train` flag or switch, or is listed as YAML-only
+    (and named in --help); flags land on their settings with the right types."""
+    import dataclasses
+
+    from equiforce.cli import TRAIN_FLAGS, TRAIN_SWITCHES, TRAIN_YAML_ONLY, build_parser
+    from equiforce.model.network import ModelConfig
+    from equiforce.training.config import TrainConfig, build_config
+
+    keys = {f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    keys |= {"model." + f.name for f in dataclasses.fields(ModelConfig)}
+    reachable = {k for _, k, _, _ in TRAIN_FLAGS} | {k for _, k, _ in TRAIN_SWITCHES} | {"out"}
+    assert not (keys - reachable - set(TRAIN_YAML_ONLY)), sorted(keys - reachable - set(TRAIN_YAML_ONLY))
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, _, _, _ in TRAIN_FLAGS:
+        assert flag in text, flag
+    for key in TRAIN_YAML_ONLY:
+        assert key in text, key
+    args = parser.parse_args(["train", "--scheduler", "cosine", "--ema-decay", "0", "--resnet", "false",
+                              "--long-range", "ewald", "--radial-hidden", "16"])
+    overrides = {k: getattr(args, k.replace(".", "__")) for _, k, _, _ in TRAIN_FLAGS}
+    config = build_config(None, {k: v for k, v in overrides.items() if v is not None})
+    assert (config.scheduler, config.ema_decay, config.model.resnet, config.model.long_range,
+            config.model.radial_hidden) == ("cosine", 0.0, False, "ewald", 16)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--resnet", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """Data pipeline: label keys, clear errors, reproducible splits, batching (float64).
 
 Reference labels come from :class:`equiforce.model.analytic.AnalyticMessageModel` evaluated on edges from
-ASE's ``neighbor_list`` (independent of equiforce.data.neighbors). Helpers here (``make_frames``,
-``write_dataset``) are reused by test_train.py and test_cli.py.
+ASE's ``neighbor_list`` (independent of equiforce.data.neighbors); the labelled frames come from
+``helpers.make_frames`` / ``helpers.write_dataset`` (shared with test_train.py and test_cli.py).
 """
 
 import ase
@@ -10,56 +10,16 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.training.config import DataError
 from equiforce.data.dataset import (atoms_to_graph, average_num_neighbors, collate, load_dataset, split_indices,
                             species_from_structures)
 from equiforce.model.forces import energy_forces_virial
 from equiforce.model.network import EquiforceModel, ModelConfig
+from helpers import LABEL_SPECIES, R_MAX, make_frames, reference_labels, write_dataset  # noqa: F401
 
 F64 = torch.float64
-LABEL_SPECIES = ["H", "O"]
-R_MAX = 4.0
-
-
-def reference_labels(atoms: ase.Atoms, model=None):
-    """(energy eV, forces [n, 3], stress [3, 3] or None) of the analytic model, with ASE's edges."""
-    model = model or AnalyticMessageModel(LABEL_SPECIES, r_max=R_MAX, num_layers=2)
-    i, j, S = ase_neighbor_list("ijS", atoms, model.r_max)
-    species = torch.tensor([model.species_names.index(s) for s in atoms.get_chemical_symbols()])
-    e, _, f, v = energy_forces_virial(
-        model, torch.tensor(atoms.positions, dtype=F64), species, torch.tensor(np.stack([i, j]), dtype=torch.long),
-        torch.tensor(S @ atoms.cell.array, dtype=F64), torch.zeros(len(atoms), dtype=torch.long), 1)
-    stress = -v[0].detach().numpy() / atoms.get_volume() if atoms.pbc.all() else None
-    return float(e.detach()[0]), f.detach().numpy(), stress
-
-
-def make_frames(n: int = 20, seed: int = 0, periodic: int = 0):
-    """``n`` distorted 5-atom H/O clusters (plus ``periodic`` small periodic H/O cells with stress),
-    labelled by the analytic model; labels are attached as ASE's extxyz reader would (calculator)."""
-    rng = np.random.default_rng(seed)
-    base = np.array([[0, 0, 0], [2.2, 0, 0], [0, 2.2, 0], [0, 0, 2.2], [2.0, 2.0, 0.3]], float)
-    frames = []
-    for _ in range(n):
-        frames.append(ase.Atoms("OHHOH", positions=base + rng.normal(scale=0.15, size=base.shape)))
-    for _ in range(periodic):
-        cell = np.diag([4.4, 4.6, 4.8]) + rng.uniform(-0.3, 0.3, size=(3, 3))
-        frames.append(ase.Atoms("OHHO", scaled_positions=rng.uniform(size=(4, 3)), cell=cell, pbc=True))
-    for atoms in frames:
-        e, f, s = reference_labels(atoms)
-        results = {"energy": e, "forces": f}
-        if s is not None:
-            results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
-        atoms.calc = SinglePointCalculator(atoms, **results)
-    return frames
-
-
-def write_dataset(path, n: int = 20, seed: int = 0, periodic: int = 0) -> str:
-    ase.io.write(str(path), make_frames(n, seed, periodic), format="extxyz")
-    return str(path)
 
 
 def test_default_keys_read_from_ase_calculator(tmp_path):

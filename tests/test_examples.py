@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from ase.io import read
 
 from equiforce.ase import EquiforceCalculator
@@ -14,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(sys.prefix, "bin")
 
 
+@pytest.mark.lammps
 def test_lammps_nve_example_runs_and_matches_python():
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
     proc = subprocess.run(["lmp", "-in", "examples/lammps/in.nve", "-var", "steps", "100", "-log", "none"],

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import forces_virial_from_edge_grad
-from equiforce.model.network import EquiforceModel, ModelConfig
 from equiforce.data.neighbors import neighbor_list
 from equiforce.deploy.ops import ops_library_path
 from equiforce.nn.tensor_product import EdgeTensorProduct, FusedTensorProduct
 from equiforce.o3.irreps import Irreps, spherical_harmonics_irreps
 from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, write_data
-from test_lammps import assert_matches, bulk, triclinic
+from lammps_util import assert_matches, bulk, triclinic
 
 F64 = torch.float64
 SPECIES = ["Si", "C"]
@@ -38,14 +39,12 @@ CONFIGS = {
 }
 
 
+MODEL = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12, avg_num_neighbors=12.0,
+             scale=[1.5, 0.7], shift=[-3.0, -1.0])
+
+
 def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    settings = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12,
-                    avg_num_neighbors=12.0)
-    settings.update(kw)
-    model = EquiforceModel(ModelConfig(**settings), SPECIES).double()
-    model.set_scale_shift(torch.tensor([1.5, 0.7]), torch.tensor([-3.0, -1.0]))
-    return model
+    return helpers.make_model(SPECIES, seed, **{**MODEL, **kw})
 
 
 def structure(kind, seed=1):
@@ -283,6 +282,7 @@ def test_metadata_names_the_custom_ops(exported):
     assert load_exported(exported["portable"])[1]["custom_ops"] == []
 
 
+@pytest.mark.slow
 def test_portable_file_loads_in_plain_torch_and_fused_file_names_the_missing_op(exported):
     """A process that never imports equiforce: the portable file runs, the fused one fails naming
     the op (the fix: load libequiforce_ops.so, which the LAMMPS plugin and equiforce do)."""
@@ -304,6 +304,8 @@ def test_portable_file_loads_in_plain_torch_and_fused_file_names_the_missing_op(
     assert abs(e_portable - e_fused) < 1e-12 * max(1.0, abs(e_portable))
 
 
+@pytest.mark.lammps
+@pytest.mark.mpi
 @pytest.mark.parametrize("name,nprocs,style", [
     ("bulk", 1, "pair_style equiforce device cpu"),
     ("triclinic", 1, "pair_style equiforce path ghost_shell"),
@@ -326,6 +328,7 @@ def test_lammps_runs_the_fused_file(exported, tmp_path, name, nprocs, style):
     assert float(np.abs(ref["forces"]).max()) > 1e-3
 
 
+@pytest.mark.openmm
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_openmm_runs_the_fused_file(exported, platform):
     """OpenMM (periodic box, nm and kJ/mol) with the fused file vs the portable file from Python."""

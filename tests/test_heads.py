@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from helpers import random_rotation
 
 from equiforce.training.config import ConfigError, DataError, TrainConfig
 from equiforce.data.dataset import collate
 from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import model_outputs
-from equiforce.model.network import EquiforceModel, ModelConfig
 from equiforce.data.neighbors import neighbor_list
 from equiforce.training.loop import predict, rotate_batch
 
@@ -29,15 +30,11 @@ def _float64():
 
 
 def make_model(lmax=1, symmetry="O3", dipole="none", direct_forces=False, seed=0, channels=6, layers=2):
-    torch.manual_seed(seed)
-    model = EquiforceModel(ModelConfig(r_max=R_MAX, channels=channels, lmax=lmax, num_layers=layers,
-                                       radial_hidden=12, symmetry=symmetry, avg_num_neighbors=3.0,
-                                       dipole=dipole, direct_forces=direct_forces), SPECIES).double()
-    with torch.no_grad():  # non-trivial scale/shift and dipole scale
-        model.set_scale_shift(torch.tensor([0.7, 1.3, 0.9]), torch.tensor([-1.0, -2.0, -3.0]))
-        if model.has_dipole:
-            model.set_dipole_scale(0.4)
-    return model
+    # non-trivial scale/shift and dipole scale
+    return helpers.make_model(SPECIES, seed, r_max=R_MAX, channels=channels, lmax=lmax, num_layers=layers,
+                              radial_hidden=12, symmetry=symmetry, avg_num_neighbors=3.0, dipole=dipole,
+                              direct_forces=direct_forces, scale=[0.7, 1.3, 0.9], shift=[-1.0, -2.0, -3.0],
+                              dipole_scale=0.4)
 
 
 def molecule(seed=1, n=6):
@@ -156,6 +153,7 @@ def loop_work(model, pos, species, key, steps=400, radius=0.15):
     return float((0.5 * (forces[1:] + forces[:-1]) * dr).sum())
 
 
+@pytest.mark.slow
 def test_direct_forces_are_equivariant_but_not_conservative():
     pos, species = molecule(n=5)
     model = make_model(direct_forces=True)

@@ -24,35 +24,14 @@ from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.deploy.export import METADATA_FILE, export_model, load_exported
 from equiforce.integrations.lammps import plugin_dir
 
-from lammps_util import (Structure, deck, import_lammps, installed_plugin, lammps_cell, parse_result,
-                         python_reference, read_dump, run_lmp, wrap, write_data)
+from lammps_util import (E_TOL, ELEMENTS, F_TOL, P_RTOL, Structure, _random_positions,
+                         assert_matches, bulk, deck, import_lammps, installed_plugin, lammps_cell, parse_result,
+                         python_reference, read_dump, run_lmp, triclinic, wrap, write_data)
 
-ELEMENTS = ["Si", "C"]
 R_MAX = 4.0
-E_TOL = 1e-10  # eV/atom
-F_TOL = 1e-9  # eV/Å
-P_RTOL = 1e-8
 
 
 # ---- structures ----------------------------------------------------------------------------------
-
-def _random_positions(cell, n, min_dist, rng, pbc=True):
-    pos = []
-    while len(pos) < n:
-        p = rng.random(3) @ cell
-        ok = True
-        for q in pos:
-            d = p - q
-            if pbc:
-                frac = np.linalg.solve(cell.T, d)
-                d = (frac - np.round(frac)) @ cell
-            if np.linalg.norm(d) < min_dist:
-                ok = False
-                break
-        if ok:
-            pos.append(p)
-    return np.array(pos)
-
 
 def molecule(isolated_atom=False):
     """9-atom cluster in a 30 Å non-periodic box (optionally plus an atom with no neighbours)."""
@@ -64,24 +43,6 @@ def molecule(isolated_atom=False):
         pos = np.vstack([pos, [26.0, 26.0, 26.0]])  # > 10 Å from everything
         symbols.append("C")
     return Structure(pos, symbols, cell, pbc=False)
-
-
-def bulk():
-    """64 atoms, 2 species, perturbed simple cubic, periodic orthogonal box 10.4 Å."""
-    rng = np.random.default_rng(5)
-    g = np.arange(4) * 2.6
-    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.3 + rng.normal(0, 0.12, (64, 3))
-    cell = lammps_cell(10.4, 10.4, 10.4)
-    symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 64)]
-    return Structure(wrap(pos, cell), symbols, cell, pbc=True)
-
-
-def triclinic():
-    rng = np.random.default_rng(8)
-    cell = lammps_cell(8.2, 7.6, 8.0, xy=1.3, xz=-0.9, yz=1.1)
-    pos = _random_positions(cell, 40, 1.9, rng)
-    symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 40)]
-    return Structure(wrap(pos, cell), symbols, cell, pbc=True)
 
 
 def small_cell():
@@ -113,25 +74,6 @@ def cases(model_path, tmp_path_factory):
         write_data(data, s, ELEMENTS)
         out[name] = (s, data, python_reference(model_path, s))
     return out
-
-
-def _by_tag(s, ref):
-    order = np.argsort(s.tags)
-    return {"tags": s.tags[order], "forces": ref["forces"][order], "atom_energy": ref["atom_energy"][order],
-            "positions": s.positions[order]}
-
-
-def assert_matches(s, ref, energy, press6, tags, forces, atom_energy):
-    n = len(s.symbols)
-    r = _by_tag(s, ref)
-    order = np.argsort(tags)
-    np.testing.assert_array_equal(np.asarray(tags)[order], r["tags"])
-    assert abs(energy - ref["energy"]) / n < E_TOL, (energy, ref["energy"])
-    df = np.abs(np.asarray(forces)[order] - r["forces"]).max()
-    assert df < F_TOL, df
-    np.testing.assert_allclose(np.asarray(atom_energy)[order], r["atom_energy"], rtol=0, atol=E_TOL)
-    scale = max(np.abs(ref["pressure6"]).max(), 1e-300)
-    assert np.abs(press6 - ref["pressure6"]).max() / scale < P_RTOL, (press6, ref["pressure6"])
 
 
 def _check_run(proc, s, ref, dump, frame=0):

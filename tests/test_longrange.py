@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from helpers import central_difference, random_rotation, random_triclinic_cell, rel_err
 
 from equiforce.data.dataset import collate
 from equiforce.deploy.export import export_model, load_exported
-from equiforce.model.forces import model_outputs
-from equiforce.nn.electrostatics import (K_E, Electrostatics, electrostatic_per_atom, ewald_parameters,
-                                 strain_virial)
+from equiforce.model.forces import model_outputs, strain_virial
+from equiforce.nn.electrostatics import K_E, Electrostatics, electrostatic_per_atom, ewald_parameters
 from equiforce.model.network import EquiforceModel, ModelConfig
 from equiforce.data.neighbors import neighbor_list
 
@@ -142,7 +143,8 @@ def test_virial_equals_finite_strain(net):
     p, c = t(pos).requires_grad_(True), t(cell).requires_grad_(True)
     e = electrostatic_per_atom(p, t(q), c, 1e-13, 7.0).sum()
     gp, gc = torch.autograd.grad(e, [p, c])
-    virial = strain_virial(p.detach(), c.detach(), gp, gc).numpy()
+    batch = torch.zeros(len(pos), dtype=torch.long)
+    virial = strain_virial(p.detach(), c.detach()[None], gp, gc[None], batch, 1)[0].numpy()
 
     def strained(eps):
         m = np.eye(3) + eps
@@ -232,12 +234,10 @@ SPECIES = ["Na", "Cl"]
 
 
 def make_model(seed=0, dipole="none", **kw):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(r_max=R_MAX, channels=6, lmax=1, num_layers=2, radial_hidden=12, avg_num_neighbors=4.0,
-                      dipole=dipole, long_range="ewald", long_range_accuracy=1e-12, long_range_cutoff=7.0, **kw)
-    model = EquiforceModel(cfg, SPECIES).double()
+    model = helpers.make_model(SPECIES, seed, r_max=R_MAX, channels=6, lmax=1, num_layers=2, radial_hidden=12,
+                               avg_num_neighbors=4.0, dipole=dipole, long_range="ewald", long_range_accuracy=1e-12,
+                               long_range_cutoff=7.0, scale=[0.7, 1.3], shift=[-1.0, -2.0], **kw)
     with torch.no_grad():
-        model.set_scale_shift(torch.tensor([0.7, 1.3]), torch.tensor([-1.0, -2.0]))
         model.dipole_scale.fill_(20.0)  # e per unit of charge-head output
         model.charge_head.mlp[-1].weight.mul_(4.0)  # charges of order 1 e
     return model
@@ -354,6 +354,7 @@ def exported_args(pos, species, cell):
     return pos_t, torch.tensor(species), ei, es, cell_t, len(pos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("periodic", [True, False])
 def test_export_matches_eager(tmp_path, periodic):
     rng = np.random.default_rng(13)
@@ -418,7 +419,7 @@ def test_export_with_total_charge(tmp_path, periodic):
     assert abs(atoms.get_potential_energy() - float(e)) < 1e-10 * abs(float(e))
     atoms.info["charge"] = 0.0
     atoms.calc.reset()
-    with pytest.raises(ValueError, match=r"total charge 0.0 e .* exported for total charge 1 e"):
+    with pytest.raises(ValueError, match=r"total charge 0 e .* exported for total charge 1 e"):
         atoms.get_potential_energy()
 
     # `equiforce eval` on structures of another charge: a clear error naming the fix
@@ -445,7 +446,7 @@ def test_export_with_total_charge(tmp_path, periodic):
 def test_training_run_and_cli_export(tmp_path):
     """Trainer (molecules and periodic cells in one data set, stress, rotation augmentation) and
     `equiforce export` with long_range = ewald; the exported file equals the trained model."""
-    from test_data import write_dataset
+    from helpers import write_dataset
 
     from equiforce.cli import main as cli_main
     from equiforce.training.config import build_config
@@ -508,6 +509,7 @@ def openmm_energy_forces(path, pos, species, cell, platform, periodic, rng=None)
     return e, f
 
 
+@pytest.mark.openmm
 @pytest.mark.parametrize("platform,periodic", [("Reference", True), ("CPU", True), ("CPU", False)])
 def test_openmm_matches_python(tmp_path, platform, periodic):
     pytest.importorskip("openmm")
@@ -552,6 +554,7 @@ def lammps_case(tmp_path_factory):
     return s, data, path, python_reference(path, s)
 
 
+@pytest.mark.lammps
 def test_lammps_serial_matches_python(lammps_case, tmp_path):
     from lammps_util import deck, parse_result, read_dump, run_lmp
 
@@ -580,6 +583,8 @@ def _lammps_outputs(proc, dump):
     return energy, press6, forces, fr["c_pea"][order], fr["c_prop"][order]
 
 
+@pytest.mark.lammps
+@pytest.mark.mpi
 @pytest.mark.parametrize("nprocs,grid", [(1, ""), (2, "2 1 1"), (4, "1 2 2"), (4, "4 1 1")])
 def test_lammps_mpi_matches_python(lammps_case, tmp_path, nprocs, grid):
     """Several ranks (and `path gather` on one): every rank gathers all atoms and edges and
@@ -601,6 +606,8 @@ def test_lammps_mpi_matches_python(lammps_case, tmp_path, nprocs, grid):
     assert abs(pea.sum() - energy) < 1e-8 * abs(energy)  # per-atom energies add up once, not per rank
 
 
+@pytest.mark.lammps
+@pytest.mark.openmm
 def test_openmm_on_the_lammps_system(lammps_case):
     """The system of the LAMMPS tests (periodic, triclinic, learned charges) through OpenMM's
     Reference and CPU platforms: the same numbers as Python (hence as LAMMPS on 1, 2 and 4 ranks,
@@ -616,6 +623,8 @@ def test_openmm_on_the_lammps_system(lammps_case):
         assert rel_err(f / (EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM), ref["forces"]) < 1e-8
 
 
+@pytest.mark.lammps
+@pytest.mark.mpi
 def test_lammps_mpi_md_equals_serial(lammps_case, tmp_path):
     """100 NVE steps at 1500 K with a long-range model (overlaid on a soft repulsion: the random
     model's ions would otherwise collapse): 1 rank (serial images) and 2 and 4 ranks (gather)
@@ -651,6 +660,7 @@ def test_lammps_mpi_md_equals_serial(lammps_case, tmp_path):
         assert rel_err(fn, f1) < 1e-8
 
 
+@pytest.mark.lammps
 def test_lammps_ghost_shell_refuses_long_range_model(lammps_case, tmp_path):
     from lammps_util import deck, run_lmp
 

@@ -7,6 +7,8 @@ import ase
 import numpy as np
 import pytest
 import torch
+
+import helpers
 from ase.neighborlist import neighbor_list
 
 from equiforce.deploy.export import export_model, load_exported
@@ -18,14 +20,12 @@ F64 = torch.float64
 SPECIES = ["H", "C", "O"]
 
 
+MODEL = dict(r_max=3.5, channels=8, lmax=2, num_layers=3, num_bessel=6, radial_hidden=16, avg_num_neighbors=4.0,
+             scale=[0.7, 1.3, 0.9], shift=[-13.6, -1029.8, -2041.1])
+
+
 def make_model(symmetry="O3", seed=0, dtype=F64, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(r_max=3.5, channels=8, lmax=2, num_layers=3, num_bessel=6, radial_hidden=16, symmetry=symmetry,
-               avg_num_neighbors=4.0)
-    cfg.update(kw)
-    model = EquiforceModel(ModelConfig(**cfg), SPECIES).to(dtype)
-    model.set_scale_shift(torch.tensor([0.7, 1.3, 0.9]), torch.tensor([-13.6, -1029.8, -2041.1]))
-    return model
+    return helpers.make_model(SPECIES, seed, dtype, symmetry=symmetry, **{**MODEL, **kw})
 
 
 def graph(atoms: ase.Atoms, r_max: float, dtype=F64):
@@ -289,7 +289,7 @@ def test_float32_model_is_invariant_to_float32_precision():
 def test_bad_model_settings_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         EquiforceModel(ModelConfig(**bad), SPECIES)
-    with pytest.raises(ValueError, match="unknown model settings"):
+    with pytest.raises(ValueError, match="unknown model setting"):
         ModelConfig.from_dict({"rmax": 5.0})
 
 
@@ -305,3 +305,20 @@ def test_float32_model_exports(tmp_path):
     pos, species, edge_index, shift = graph(atoms, model.r_max, torch.float32)
     e2 = module(pos, species, edge_index, shift, torch.zeros(3, 3), len(atoms))[0]
     assert abs(float(e2) - float(e)) < 1e-4 * max(1.0, abs(float(e)))
+
+
+def test_state_dict_of_a_checkpoint_with_the_old_rep_buffer_still_loads():
+    """0.1.0 checkpoints carry an unused ``tp.rep`` buffer (path index per output column): it is
+    ignored on load (strict), and the loaded weights and buffers equal the saved ones."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(r_max=3.0, channels=4, lmax=1, num_layers=2, radial_hidden=8, avg_num_neighbors=3.0)
+    model = EquiforceModel(cfg, ["H", "C"]).double()
+    state = model.state_dict()
+    assert not [k for k in state if k.endswith(".rep")]
+    tp_prefixes = sorted({k[: -len("cg")] for k in state if k.endswith("tp.cg")})
+    assert tp_prefixes, "no tensor-product buffers found"
+    old = dict(state, **{p + "rep": torch.zeros(5, dtype=torch.long) for p in tp_prefixes})
+    fresh = EquiforceModel(cfg, ["H", "C"]).double()
+    fresh.load_state_dict(old, strict=True)
+    for k, v in state.items():
+        assert torch.equal(fresh.state_dict()[k], v), k

@@ -20,8 +20,11 @@ from ase.neighborlist import primitive_neighbor_list
 
 from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.deploy.export import ModelFileError, export_model, load_exported
+from equiforce.units import dtype_from_name
 from equiforce.openmm import (EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, create_force, create_mixed_system,
                               create_system, deserialize_system)
+
+pytestmark = pytest.mark.openmm
 
 SPECIES = ["H", "C", "O"]
 R_MAX = 4.0  # Å
@@ -52,7 +55,7 @@ def model_paths(tmp_path_factory):
 def python_reference(path, pos, symbols, cell=None):
     """Energy (kJ/mol) and forces (kJ/mol/nm) of the exported module called directly (pos, cell in Å)."""
     module, meta = load_exported(path)
-    dtype = torch.float64 if meta["dtype"] == "float64" else torch.float32
+    dtype = dtype_from_name(meta["dtype"])
     pos = np.asarray(pos, dtype=float)
     n = len(pos)
     if cell is None:

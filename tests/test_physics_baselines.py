@@ -62,6 +62,7 @@ def run(tmp_path, name, data, **model):
     return model_, evaluate_graphs(model_, val, 8, torch.float64, torch.device("cpu")).metrics(), state
 
 
+@pytest.mark.slow
 def test_dipole_training_learns_and_eval_reports_it(tmp_path, capsys):
     data = water_data(str(tmp_path / "water.extxyz"))
     graphs, species = load_dataset(data, 2.5)
@@ -114,6 +115,7 @@ def test_cli_flags_select_the_baselines(tmp_path):
         build_config(None, {"model.dipole": "quadrupole"})
 
 
+@pytest.mark.lammps
 @pytest.mark.parametrize("ghost_shell", [False, True])
 def test_direct_force_model_runs_unchanged_in_lammps(tmp_path, ghost_shell):
     """LAMMPS (serial-images and ghost-shell paths) returns the direct-force head's forces and the

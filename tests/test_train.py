@@ -12,7 +12,7 @@ from equiforce.data.dataset import load_dataset
 from equiforce.training.loop import (EMA, evaluate_graphs, fit_scale_shift, init_model, load_checkpoint,
                              model_from_checkpoint, train)
 
-from test_data import R_MAX, write_dataset
+from helpers import R_MAX, write_dataset
 
 SMALL_MODEL = {"model.r_max": R_MAX, "model.channels": 8, "model.lmax": 1, "model.num_layers": 2,
                "model.radial_hidden": 16, "model.num_bessel": 6}

@@ -20,12 +20,13 @@ from demo_systems import DEMO_POS, DEMO_SYMBOLS, demo_model_path, make_topology,
 from equiforce.deploy.export import load_exported
 from equiforce.data.neighbors import neighbor_list
 from equiforce.openmm import create_system
+from equiforce.units import dtype_from_name
 
 
 def python_time(path: str, symbols, pos: np.ndarray, cell, repeats: int):
     """(model-only seconds with precomputed edges, neighbour-list seconds) per call."""
     module, meta = load_exported(path)
-    dtype = torch.float64 if meta["dtype"] == "float64" else torch.float32
+    dtype = dtype_from_name(meta["dtype"])
     species = torch.tensor([meta["species"].index(s) for s in symbols])
     p = torch.tensor(pos, dtype=dtype)
     c = torch.tensor(cell if cell is not None else np.zeros((3, 3)), dtype=dtype)

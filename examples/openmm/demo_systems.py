@@ -24,12 +24,12 @@ DEMO_POS = np.array([
 def demo_model_path(path: Optional[str], dtype: str = "float64") -> str:
     if path:
         return path
-    import torch
     from equiforce.model.analytic import AnalyticMessageModel
     from equiforce.deploy.export import export_model
+    from equiforce.units import dtype_from_name
     out = os.path.join(tempfile.mkdtemp(prefix="equiforce_demo_"), f"analytic_{dtype}.pt")
     export_model(AnalyticMessageModel(["H", "C", "O"], r_max=4.0, num_layers=2), out,
-                 dtype={"float64": torch.float64, "float32": torch.float32}[dtype])
+                 dtype=dtype_from_name(dtype))
     print(f"no --model given: using the analytic test model exported to {out}")
     return out
 

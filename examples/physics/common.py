@@ -18,8 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "python"))  # runs from a clean checkout before `pip install`
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
 from equiforce.o3.rotations import random_rotation  # noqa: E402,F401  (re-exported for the scripts)
 
 RESULTS = os.path.join(REPO, "examples", "physics", "results")
@@ -103,31 +101,21 @@ def train_model(name: str, data: str, model: Dict[str, Any], epochs: int, max_mi
 
 
 class Exported:
-    """An exported model file evaluated structure by structure (energy, forces, dipole)."""
+    """An exported model file evaluated structure by structure (energy, forces, dipole), through
+    :class:`equiforce.deploy.runner.ExportedRunner` (the same path as the ASE calculator and eval)."""
 
     def __init__(self, path: str):
-        from equiforce.deploy.export import load_exported
+        from equiforce.deploy.runner import ExportedRunner
 
-        self.module, self.meta = load_exported(path)
-        self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.meta["dtype"]]
-
-    def graph(self, atoms):
-        from equiforce.data.dataset import atoms_to_graph
-
-        g = atoms_to_graph(atoms, self.meta["species"], float(self.meta["r_max"]))
-        return (g["pos"].to(self.dtype), g["species"], g["edge_index"], g["edge_shift"].to(self.dtype),
-                g["cell"].to(self.dtype))
+        self.runner = ExportedRunner(path, owner="examples/physics")
+        self.module, self.meta, self.dtype = self.runner.module, self.runner.metadata, self.runner.dtype
 
     def energy_forces(self, atoms):
-        args = self.graph(atoms)
-        with torch.jit.optimized_execution(False):
-            e, _, f, _ = self.module(*args, len(atoms))
-        return float(e), f.double().numpy()
+        res = self.runner.run_atoms(atoms)
+        return res.energy, res.forces
 
     def dipole(self, atoms) -> np.ndarray:
-        args = self.graph(atoms)
-        with torch.jit.optimized_execution(False):
-            return self.module.dipole(*args, 0.0).double().numpy()
+        return self.runner.dipole(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, atoms.pbc, 0.0)
 
 
 def errors(model: Exported, frames: Sequence, dipole: bool = False) -> Dict[str, float]:

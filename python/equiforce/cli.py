@@ -35,7 +35,18 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
-# flag -> (config key, type, help)
+def _bool(text: str) -> bool:
+    """argparse type for true/false settings (true, false, yes, no, 1, 0)."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# flag -> (config key, type, help): every setting of TrainConfig / ModelConfig has a flag (or a
+# switch below) except those in TRAIN_YAML_ONLY; tests/test_cli.py checks that none is missing
 TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--data", "data", str, "extxyz file with energies and forces"),
     ("--val-fraction", "val_fraction", float, "fraction of structures held out for validation (0.1)"),
@@ -58,6 +69,33 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--stress-key", "stress_key", str, "name of the stress label (stress)"),
     ("--dipole", "model.dipole", str, "dipole head: none, direct, charges or both (none); label --dipole-key"),
     ("--dipole-key", "dipole_key", str, "name of the dipole label in e·Å (dipole)"),
+    ("--charge-key", "charge_key", str, "name of a structure's total charge label in e (charge; 0 when absent)"),
+    ("--optimizer", "optimizer", str, "adam or adamw (adam)"),
+    ("--weight-decay", "weight_decay", float, "weight decay of the optimiser (0)"),
+    ("--scheduler", "scheduler", str, "learning-rate schedule: plateau, cosine or none (plateau)"),
+    ("--plateau-factor", "plateau_factor", float, "plateau: factor the lr is multiplied by (0.5)"),
+    ("--plateau-patience", "plateau_patience", int, "plateau: epochs without improvement before lowering lr (10)"),
+    ("--min-lr", "min_lr", float, "lowest learning rate of the schedules (1e-6)"),
+    ("--ema-decay", "ema_decay", float, "exponential moving average of the weights; 0 disables (0.99)"),
+    ("--early-stopping-patience", "early_stopping_patience", int,
+     "epochs without validation improvement before stopping; 0 disables (50)"),
+    ("--grad-clip", "grad_clip", float, "max gradient norm; 0 disables (10)"),
+    ("--energy-weight", "energy_weight", float, "loss weight of the energy per atom, (eV/atom)^2 (1)"),
+    ("--forces-weight", "forces_weight", float, "loss weight of the forces, (eV/Å)^2 (10)"),
+    ("--stress-weight", "stress_weight", float, "loss weight of the stress, (eV/Å^3)^2 (1)"),
+    ("--dipole-weight", "dipole_weight", float, "loss weight of the dipole per component, (e·Å)^2 (1)"),
+    ("--num-bessel", "model.num_bessel", int, "radial Bessel basis functions (8)"),
+    ("--cutoff-p", "model.cutoff_p", int, "polynomial cutoff envelope exponent (6)"),
+    ("--radial-hidden", "model.radial_hidden", int, "width of the radial MLP (64)"),
+    ("--radial-layers", "model.radial_layers", int, "hidden layers of the radial MLP (2)"),
+    ("--feature-parity", "model.feature_parity", str,
+     "O3: natural (l with parity (-1)^l) or both (even and odd copies of every l) (natural)"),
+    ("--resnet", "model.resnet", _bool, "residual update when a layer's irreps in == out: true or false (true)"),
+    ("--long-range", "model.long_range", str, "none or ewald: electrostatics of learned charges (none)"),
+    ("--long-range-accuracy", "model.long_range_accuracy", float, "relative Ewald accuracy (1e-6)"),
+    ("--long-range-cutoff", "model.long_range_cutoff", float, "Ewald real-space cutoff in Å (10)"),
+    ("--long-range-damping", "model.long_range_damping", float,
+     "Coulomb kernel erf(r/w)/r of width w in Å; 0: plain 1/r (0)"),
 ]
 # flag -> (config key, help): switches that are true when given
 TRAIN_SWITCHES: List[Tuple[str, str, str]] = [
@@ -66,14 +104,24 @@ TRAIN_SWITCHES: List[Tuple[str, str, str]] = [
 ]
 
 
+# settings that only a YAML configuration can set, and why
+TRAIN_YAML_ONLY: Dict[str, str] = {
+    "atomic_energies": "a mapping of element to isolated-atom energy in eV, e.g. {H: -13.6, O: -2041.3}",
+    "model.avg_num_neighbors": "set from the training data by the trainer",
+}
+
+
 def _add_train(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("YAML-only settings (--config FILE): "
+                + "; ".join(f"{k}: {why}" for k, why in TRAIN_YAML_ONLY.items())
+                + ". Flags override the YAML file; see equiforce.training.config for the layout.")
     p.add_argument("config_file", nargs="?", help="YAML configuration (same as --config)")
     p.add_argument("--config", help="YAML configuration; flags override its settings")
     p.add_argument("--out", help="run directory for checkpoints, metrics.csv and plots (run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, key, typ, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, dest=key.replace(".", "__"), type=typ, help=help_)
+        p.add_argument(flag, dest=key.replace(".", "__"), type=typ, help=help_, metavar=key.split(".")[-1].upper())
     for flag, key, help_ in TRAIN_SWITCHES:
         p.add_argument(flag, dest=key.replace(".", "__"), action="store_const", const=True, default=None, help=help_)
 
@@ -81,7 +129,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .training.config import build_config, read_yaml
-    from .training.loop import RESUMABLE, train
+    from .training.loop import train
 
     if args.config and args.config_file and args.config != args.config_file:
         raise ConfigError("give the configuration once (either positional or --config)")
@@ -94,11 +142,8 @@ def _run_train(args: argparse.Namespace) -> int:
         out = args.out or (read_yaml(yaml_path).get("out") if yaml_path else None)
         if not out:
             raise ConfigError("--resume needs the run directory: pass --out RUN_DIR")
+        # flags equal to the run's saved settings are fine; train() refuses changed ones (not RESUMABLE)
         given = {k: v for k, v in overrides.items() if v is not None and k != "out"}
-        bad = sorted(set(given) - set(RESUMABLE) - {"data"})
-        if bad:
-            raise ConfigError(f"cannot change {bad} when resuming (only {list(RESUMABLE)}); "
-                              "start a new run with another --out to change them")
         config = build_config(None, {"out": out})
         _check_run_dir(config.out)
         train(config, resume=True, progress=not args.no_progress, resume_overrides=given)
@@ -142,10 +187,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import torch
-
     from .deploy.export import export_model
-    from .training.loop import load_checkpoint, model_from_checkpoint
+    from .training.checkpoints import load_checkpoint, model_from_checkpoint
+    from .units import dtype_from_name
 
     path = args.run_dir
     if os.path.isdir(path):
@@ -153,7 +197,7 @@ def _run_export(args: argparse.Namespace) -> int:
     state = load_checkpoint(path)
     model, config = model_from_checkpoint(state, use_ema=True)
     dtype_name = args.dtype or config.dtype
-    dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    dtype = dtype_from_name(dtype_name)
     ex = state.get("example_structure")
     check = None
     if ex is not None:

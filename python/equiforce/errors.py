@@ -3,6 +3,7 @@
 All are ``ValueError`` subclasses whose message names the problem and the fix; the ``equiforce``
 command prints them in one line without a traceback. This module imports nothing, so reading a
 data file or an exported file never loads the network to get an error class.
+:func:`reject_unknown_keys` is the one check for unknown settings (training config, model config).
 """
 
 
@@ -28,3 +29,20 @@ class ModelFileError(UserError):
 
 class DatagenError(UserError):
     """Bad arguments for data generation (message names the problem and the fix)."""
+
+
+def reject_unknown_keys(given, known, what: str = "setting") -> None:
+    """ConfigError listing the keys of ``given`` that are not in ``known`` (with the closest known
+    name for each, when one is close), and every known key; nothing when all are known."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    import difflib  # standard library; imported here so that this module imports nothing up front
+
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+        if close:
+            hints.append(f"'{key}' -> '{close[0]}'?")
+    hint = f" (did you mean {', '.join(hints)})" if hints else ""
+    raise ConfigError(f"unknown {what}(s) {unknown}{hint}; known {what}s: {sorted(known)}")

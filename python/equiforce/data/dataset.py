@@ -35,6 +35,7 @@ from ase.data import atomic_numbers, chemical_symbols
 from torch import Tensor
 
 from ..errors import DataError
+from ..units import MIN_DISTANCE
 
 Graph = Dict[str, Tensor]
 
@@ -225,18 +226,43 @@ def atoms_to_graph(atoms, species_names: Sequence[str], r_max: float, where: str
     return graph
 
 
+def closest_pair(pos: Tensor, edge_index: Tensor, edge_shift: Tensor) -> Optional[Tuple[int, int, float]]:
+    """``(i, j, distance in Å)`` of the closest edge (``|pos[j] - pos[i] + edge_shift|``, computed in
+    float64), or None without edges. ``i == j`` means an atom and its own periodic image."""
+    if edge_index.shape[1] == 0:
+        return None
+    p = pos.to(torch.float64)
+    d = torch.linalg.norm(p[edge_index[1]] - p[edge_index[0]] + edge_shift.to(torch.float64), dim=1)
+    k = int(torch.argmin(d))
+    return int(edge_index[0, k]), int(edge_index[1, k]), float(d[k])
+
+
+def min_distance_message(pair: Tuple[int, int, float], min_distance: float) -> str:
+    """``"atoms 2 and 6 are 0.3 Å apart, closer than the minimum distance 0.5 Å"`` for ``closest_pair``."""
+    i, j, d = pair
+    what = f"atoms {i} and {j} are" if i != j else f"atom {i} and its own periodic image are"
+    return f"{what} {d:.4g} Å apart, closer than the minimum distance {min_distance:g} Å"
+
+
 def load_dataset(path: str, r_max: float, species_names: Optional[Sequence[str]] = None,
                  energy_key: str = "energy", forces_key: str = "forces",
                  stress_key: str = "stress", dipole_key: str = "dipole",
                  charge_key: str = "charge") -> Tuple[List[Graph], List[str]]:
     """Read ``path`` and build labelled graphs. ``species_names`` defaults to the elements in the data
-    (sorted by atomic number). Returns ``(graphs, species_names)``."""
+    (sorted by atomic number). Returns ``(graphs, species_names)``. A structure with two atoms closer
+    than :data:`equiforce.units.MIN_DISTANCE` (within ``r_max``) is refused (DataError naming the
+    file, the structure and the atoms)."""
     frames = read_structures(path)
     names = species_from_structures(frames) if species_names is None else list(species_names)
     graphs = []
     for k, atoms in enumerate(frames):
         labels = extract_labels(atoms, k, path, energy_key, forces_key, stress_key)
         g = atoms_to_graph(atoms, names, r_max, where=f"'{path}' structure {k}", labels=labels)
+        pair = closest_pair(g["pos"], g["edge_index"], g["edge_shift"])
+        if pair is not None and pair[2] < MIN_DISTANCE:
+            raise DataError(f"'{path}' structure {k}: {min_distance_message(pair, MIN_DISTANCE)} "
+                            "(equiforce.units.MIN_DISTANCE): no model is valid there; remove the structure or fix "
+                            "its positions")
         dipole = extract_dipole(atoms, k, path, dipole_key)
         if dipole is not None:
             g["dipole"] = torch.tensor(dipole, dtype=torch.float64)

@@ -4,9 +4,11 @@ glibc gives every block above its mmap threshold (dynamic, at most 32 MB) a fres
 faulted in and zeroed again at every call; with per-edge tensors of 100+ MB (thousands of atoms)
 that costs a third of a call. :func:`tune_malloc` raises the mmap threshold to 1 GB and the trim
 threshold to 2 GB, so freed blocks stay in the heap for the next call (the process keeps its peak
-size). The LAMMPS plugin does the same at start-up (opt-out ``EQUIFORCE_MALLOC_TUNING=0``); Python
-users (ASE, OpenMM) call this once, or set ``MALLOC_MMAP_THRESHOLD_=1073741824
-MALLOC_TRIM_THRESHOLD_=2147483647`` before starting Python. Process-wide, hence never automatic.
+size). The LAMMPS plugin does the same at start-up, and so do the Python entry points that run an
+exported file (:class:`equiforce.deploy.runner.ExportedRunner`: the ASE calculator, ``equiforce
+eval``/``check``); the setting is process-wide, so the same opt-out applies everywhere:
+``EQUIFORCE_MALLOC_TUNING=0``, or glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+set before starting Python (then those win). OpenMM users call :func:`tune_malloc` once themselves.
 """
 import ctypes
 import ctypes.util

@@ -11,17 +11,14 @@ checks, with the worst error of each:
 
 A model that breaks a symmetry (a bug, or a hand-made module) fails the corresponding line.
 """
-import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from .export import load_exported
-from ..data.neighbors import neighbor_list
 from ..o3.rotations import random_rotation
+from .runner import ExportedRunner
 
 
 @dataclass
@@ -49,22 +46,41 @@ def _random_molecule(rng: np.random.Generator, n: int, r_max: float) -> np.ndarr
     return np.array(pos)
 
 
+def _random_periodic(rng: np.random.Generator, n: int, cell: np.ndarray, min_dist: float = 0.8) -> np.ndarray:
+    """Random positions [n, 3] (Å) in ``cell``, no two (periodic images included) closer than ``min_dist``."""
+    inv = np.linalg.inv(cell)
+    pos: List[np.ndarray] = []
+    for _ in range(100000):
+        cand = rng.uniform(size=3) @ cell
+        ok = True
+        for p in pos:
+            d = (cand - p) @ inv
+            d -= np.round(d)
+            # nearest image over the 27 neighbouring shifts (the cell may be skewed)
+            shifts = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1])).reshape(3, -1).T
+            if np.linalg.norm((d + shifts) @ cell, axis=1).min() < min_dist:
+                ok = False
+                break
+        if ok:
+            pos.append(cand)
+            if len(pos) == n:
+                return np.array(pos)
+    raise RuntimeError("equiforce check: could not place the test atoms in the cell")
+
+
 class Auditor:
-    """Holds the module and evaluates (energy, forces, virial) of a structure in the model's dtype."""
+    """Evaluates (energy, forces, virial) of a structure with the exported file, through
+    :class:`equiforce.deploy.runner.ExportedRunner` without centring (the file sees the positions given)."""
 
     def __init__(self, path: str):
-        self.module, self.meta = load_exported(path)
-        self.dtype = torch.float64 if self.meta["dtype"] == "float64" else torch.float32
-        self.r_max = float(self.meta["r_max"])
+        self.runner = ExportedRunner(path, owner="equiforce check", centre=False)
+        self.module, self.meta = self.runner.module, self.runner.metadata
+        self.dtype = self.runner.dtype
+        self.r_max = self.runner.r_max
 
     def __call__(self, pos: np.ndarray, species: np.ndarray, cell: Optional[np.ndarray]) -> Tuple[float, np.ndarray, np.ndarray]:
-        p = torch.tensor(pos, dtype=self.dtype)
-        c = torch.tensor(cell if cell is not None else np.zeros((3, 3)), dtype=self.dtype)
-        pbc = torch.tensor([cell is not None] * 3)
-        edge_index, shift, _ = neighbor_list(p, self.r_max, c, pbc)
-        with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
-            e, _, f, v = self.module(p, torch.tensor(species, dtype=torch.long), edge_index, shift, c, len(pos))
-        return float(e), f.double().numpy(), v.double().numpy()
+        res = self.runner.run(pos, self.runner.symbols(species), cell, [cell is not None] * 3)
+        return res.energy, res.forces, res.virial
 
 
 def _rel(a, b) -> float:
@@ -80,7 +96,7 @@ def run_checks(path: str, seed: int = 0, n_atoms: int = 8) -> Tuple[dict, List[C
     species = np.arange(n_atoms) % s
     pos = _random_molecule(rng, n_atoms, aud.r_max)
     cell = np.diag([1.0, 1.0, 1.0]) * max(2.0 * aud.r_max / 3, 3.0) + rng.uniform(-0.3, 0.3, size=(3, 3))
-    pos_pbc = rng.uniform(size=(n_atoms, 3)) @ cell
+    pos_pbc = _random_periodic(rng, n_atoms, cell)
     e, f, v = aud(pos, species, None)
     ep, fp, vp = aud(pos_pbc, species, cell)
     results: List[CheckResult] = []

@@ -15,8 +15,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from ..deploy.export import load_exported
-from ..data.neighbors import neighbor_list
+from ..deploy.runner import ExportedRunner
 
 
 class EquiforceCalculator(Calculator):
@@ -26,80 +25,44 @@ class EquiforceCalculator(Calculator):
         model_path: file written by ``equiforce export`` / :func:`equiforce.deploy.export.export_model`.
         device: torch device to run on ("cpu", "cuda", "cuda:1", ...).
 
-    Raises :class:`equiforce.deploy.export.ModelFileError` for a missing file or a file that is not an
-    equiforce export, ``ValueError`` for structures the model cannot evaluate.
+    Raises :class:`equiforce.errors.ModelFileError` for a missing file or a file that is not an
+    equiforce export, ``ValueError`` (:class:`equiforce.errors.DataError`) for structures the model
+    cannot evaluate: no atoms, unknown elements, two atoms closer than the file's minimum distance
+    (:data:`equiforce.units.MIN_DISTANCE`), see :class:`equiforce.deploy.runner.ExportedRunner`.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model_path: str, device: str = "cpu", **kwargs):
         super().__init__(**kwargs)
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"EquiforceCalculator: unknown torch device {device!r} ({exc}); "
-                             "use e.g. 'cpu' or 'cuda'") from None
-        self.model_path = str(model_path)
-        self.module, self.metadata = load_exported(self.model_path, map_location=str(self.device))
-        self.species: List[str] = list(self.metadata["species"])
-        self.r_max = float(self.metadata["r_max"])
-        dtype_name = self.metadata.get("dtype", "float64")
-        if dtype_name not in ("float32", "float64"):
-            raise ValueError(f"EquiforceCalculator: '{self.model_path}' declares dtype {dtype_name!r}; "
-                             "expected 'float32' or 'float64' (re-export the model)")
-        self.dtype = torch.float64 if dtype_name == "float64" else torch.float32
-        self._index = {name: k for k, name in enumerate(self.species)}
+        self.runner = ExportedRunner(model_path, device=device, owner="EquiforceCalculator")
+        self.device = self.runner.device
+        self.model_path = self.runner.path
+        self.module, self.metadata = self.runner.module, self.runner.metadata
+        self.species: List[str] = self.runner.species
+        self.r_max = self.runner.r_max
+        self.dtype = self.runner.dtype
 
     def species_indices(self, symbols: Sequence[str]) -> torch.Tensor:
         """Model species index of every atom [N] int64; ValueError naming any unknown element."""
-        unknown = sorted({s for s in symbols if s not in self._index})
-        if unknown:
-            first = next(k for k, s in enumerate(symbols) if s in unknown)
-            raise ValueError(
-                f"EquiforceCalculator: element(s) {', '.join(unknown)} (first at atom index {first}) not in "
-                f"the model's species {self.species} ('{self.model_path}'); use a model trained on these "
-                "elements or remove those atoms")
-        return torch.tensor([self._index[s] for s in symbols], dtype=torch.long, device=self.device)
+        return self.runner.species_indices(symbols)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        n = len(atoms)
         pbc = np.asarray(atoms.pbc, dtype=bool)
         if "stress" in properties and not pbc.all():
             raise PropertyNotImplementedError(
                 f"EquiforceCalculator: stress needs a fully periodic cell, these Atoms have pbc={pbc.tolist()}; "
                 "set pbc=True with a 3D cell or do not ask for stress")
-        species = self.species_indices(atoms.get_chemical_symbols())
-        pos = torch.tensor(atoms.positions, dtype=self.dtype, device=self.device)
-        cell_np = atoms.cell.array if pbc.any() else np.zeros((3, 3))
-        cell = torch.tensor(cell_np, dtype=self.dtype, device=self.device)
-        # the exported convention: lattice rows for a fully periodic system, zeros otherwise (only
-        # long-range models read it; they cover 3D-periodic cells and molecules, not slabs)
-        if "long_range" in self.metadata and pbc.any() and not pbc.all():
-            raise ValueError(f"EquiforceCalculator: '{self.model_path}' has long-range electrostatics, which need "
-                             f"pbc=True in all directions or none; these Atoms have pbc={pbc.tolist()}")
-        model_cell = cell if pbc.all() else torch.zeros_like(cell)
-        if "long_range" in self.metadata and atoms.info.get("charge") is not None:
-            q_file = float(self.metadata["long_range"].get("total_charge", 0.0))
-            if abs(float(atoms.info["charge"]) - q_file) > 1e-9:
-                raise ValueError(f"EquiforceCalculator: these Atoms have total charge {atoms.info['charge']} e "
-                                 f"(atoms.info['charge']) but '{self.model_path}' was exported for total charge "
-                                 f"{q_file:g} e; export it with `equiforce export --total-charge ...`")
-        try:
-            edge_index, edge_shift, _ = neighbor_list(pos, self.r_max, cell, torch.tensor(pbc, device=self.device))
-        except ValueError as exc:
-            raise ValueError(f"EquiforceCalculator: cannot build neighbours for these Atoms: {exc}") from None
-        with torch.jit.optimized_execution(False):  # see export.py: no re-optimisation per new size
-            energy, per_atom, forces, virial = self.module(pos, species, edge_index, edge_shift, model_cell, n)
-        e = float(energy)
+        charge = atoms.info.get("charge")
+        res = self.runner.run_atoms(atoms, total_charge=None if charge is None else float(charge))
         self.results = {
-            "energy": e,
-            "free_energy": e,
-            "energies": per_atom.detach().cpu().double().numpy().copy(),
-            "forces": forces.detach().cpu().double().numpy().copy(),
+            "energy": res.energy,
+            "free_energy": res.energy,
+            "energies": res.energies,
+            "forces": res.forces,
         }
         if pbc.all():
             volume = abs(float(np.linalg.det(atoms.cell.array)))
-            stress = -virial.detach().cpu().double().numpy() / volume
-            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-res.virial / volume)

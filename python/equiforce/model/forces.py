@@ -146,6 +146,21 @@ def model_outputs(
     return out
 
 
+def strain_virial(pos: Tensor, cell: Tensor, grad_pos: Optional[Tensor], grad_cell: Optional[Tensor],
+                  batch: Tensor, num_graphs: int) -> Tensor:
+    """Virial [B, 3, 3] (eV) of the part of an energy that depends on ``pos`` [N, 3] and ``cell``
+    [B, 3, 3] (Å) directly (long-range terms), from its gradients: the strain derivative
+    ``W_b = -(sum_{i in b} pos_i (x) dE/dpos_i + cell_b^T dE/dcell_b)`` (positions and lattice rows
+    strained together; the same convention as :func:`forces_virial_from_edge_grad`, ``-sum r (x) dE/dr``).
+    A gradient that is None (the energy does not depend on it) contributes nothing."""
+    virial = torch.zeros((num_graphs, 3, 3), dtype=pos.dtype, device=pos.device)
+    if grad_pos is not None:
+        virial = virial - scatter_sum(pos.unsqueeze(2) * grad_pos.unsqueeze(1), batch, num_graphs)
+    if grad_cell is not None:
+        virial = virial - torch.einsum("bki,bkj->bij", cell, grad_cell)
+    return virial
+
+
 def _long_range_outputs(model: torch.nn.Module, pos: Tensor, species: Tensor, edge_index: Tensor,
                         edge_shift: Tensor, batch: Tensor, num_graphs: int, create_graph: bool,
                         total_charge: Optional[Tensor], cell: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -167,9 +182,7 @@ def _long_range_outputs(model: torch.nn.Module, pos: Tensor, species: Tensor, ed
     grad_pos, grad_cell = grads[1], grads[2]
     if grad_pos is not None:
         forces = forces - grad_pos
-        virial = virial - scatter_sum(pos_leaf.detach().unsqueeze(2) * grad_pos.unsqueeze(1), batch, num_graphs)
-    if grad_cell is not None:
-        virial = virial - torch.einsum("bki,bkj->bij", cell_leaf.detach(), grad_cell)
+    virial = virial + strain_virial(pos_leaf.detach(), cell_leaf.detach(), grad_pos, grad_cell, batch, num_graphs)
     out["energy"] = energy
     out["virial"] = virial
     if "forces" in out:

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import reject_unknown_keys
 from ..nn.activations import NormalizedSiLU
 from ..nn.gate import Gate
 from ..nn.heads import ChargeHead, VectorHead, charge_dipole, conserve_charge
@@ -93,11 +94,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown model settings {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**known)
+        reject_unknown_keys(d, cls.__dataclass_fields__, "model setting")
+        return cls(**d)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and what would be accepted."""

@@ -4,7 +4,7 @@ Units: charges in e, lengths in Å, energies in eV; Coulomb constant ``K_E = 14.
 Everything is TorchScript-able and differentiable with respect to positions, charges and the cell
 (lattice vectors as rows), so a model whose charges depend on the geometry gets the
 charge-response force ``-sum_i dE/dq_i dq_i/dr`` by autograd, and the virial comes from the strain
-derivative (see :func:`strain_virial`).
+derivative (see :func:`equiforce.model.forces.strain_virial`).
 
 Periodic systems (three non-zero lattice vectors), with splitting parameter ``alpha`` (1/Å)::
 
@@ -183,13 +183,6 @@ def electrostatic_per_atom(pos: Tensor, charges: Tensor, cell: Tensor, accuracy:
     if _periodicity(cell):
         return ewald_per_atom(pos, charges, cell, accuracy, cutoff, alpha, damping)
     return coulomb_per_atom(pos, charges, damping)
-
-
-def strain_virial(pos: Tensor, cell: Tensor, grad_pos: Tensor, grad_cell: Tensor) -> Tensor:
-    """Virial [3, 3] (eV) of an energy of ``(pos, cell)`` from its gradients: the strain derivative
-    ``W = -(pos^T dE/dpos + cell^T dE/dcell)`` (positions and lattice rows strained together), the
-    same convention as :mod:`equiforce.model.forces` (``-sum r (x) dE/dr``)."""
-    return -(pos.transpose(0, 1) @ grad_pos + cell.transpose(0, 1) @ grad_cell)
 
 
 class Electrostatics(nn.Module):

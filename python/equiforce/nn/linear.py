@@ -41,6 +41,8 @@ class Linear(nn.Module):
     instructions: List[List[int]]
     scales: List[float]
     in_sizes: List[int]
+    in_muls: List[int]
+    in_dims: List[int]
     out_sizes: List[int]
     out_muls: List[int]
     out_dims: List[int]
@@ -53,6 +55,8 @@ class Linear(nn.Module):
         self.instructions: List[List[int]] = ins
         self.scales: List[float] = scales
         self.in_sizes: List[int] = [m.dim for m in self.irreps_in]
+        self.in_muls: List[int] = [m.mul for m in self.irreps_in]
+        self.in_dims: List[int] = [m.ir.dim for m in self.irreps_in]
         self.out_sizes: List[int] = [m.dim for m in self.irreps_out]
         self.out_muls: List[int] = [m.mul for m in self.irreps_out]
         self.out_dims: List[int] = [m.ir.dim for m in self.irreps_out]
@@ -66,36 +70,34 @@ class Linear(nn.Module):
         self.register_buffer("bias_mask", scalar_mask)
         self.bias = nn.Parameter(torch.zeros(self.dim_out if bias else 0))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _component_blocks(self, x: Tensor) -> List[Tensor]:
+        """``x`` [N, irreps_in.dim] (mul-major) -> one component-major [N, 2l+1, mul] view per input block."""
         n = x.shape[0]
-        xs = torch.split(x, self.in_sizes, dim=1)
+        blocks: List[Tensor] = []
+        for k, blk in enumerate(torch.split(x, self.in_sizes, dim=1)):
+            blocks.append(blk.view(n, self.in_muls[k], self.in_dims[k]).transpose(1, 2))
+        return blocks
+
+    def _products(self, xs: List[Tensor]) -> List[Optional[Tensor]]:
+        """The instruction loop (the only one of this class): component-major input blocks
+        [N, d, mul_i] -> summed output blocks [N, d, mul_o]; None where no input maps to a block."""
         outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
         for k, ins in enumerate(self.instructions):
-            i, mul_i, o, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
+            i, mul_i, o, mul_o, off = ins[0], ins[1], ins[2], ins[3], ins[5]
             w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
-            if d == 1:
-                yb = xs[i] @ w
-            else:
-                yb = torch.einsum("nud,uw->nwd", xs[i].view(n, mul_i, d), w).reshape(n, mul_o * d)
+            yb = torch.matmul(xs[i], w)                                          # [n, d, mul_o]
             cur = outs[o]
             outs[o] = yb if cur is None else cur + yb
-        out = _assemble(outs, self.out_sizes, x)
-        if self.use_bias:
-            out = out + self.bias * self.bias_mask
-        return out
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_from_blocks(self._component_blocks(x))
 
     def forward_to_blocks(self, x: Tensor) -> List[Tensor]:
         """``x`` [N, irreps_in.dim] (mul-major) -> one component-major [N, 2l+1, mul] tensor per
         block of ``irreps_out`` (the layout of :meth:`EdgeTensorProduct.forward_blocks`)."""
         n = x.shape[0]
-        xs = torch.split(x, self.in_sizes, dim=1)
-        outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
-        for k, ins in enumerate(self.instructions):
-            i, mul_i, o, mul_o, d, off = ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]
-            w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
-            yb = torch.matmul(xs[i].view(n, mul_i, d).transpose(1, 2), w)        # [n, d, mul_o]
-            cur = outs[o]
-            outs[o] = yb if cur is None else cur + yb
+        outs = self._products(self._component_blocks(x))
         blocks: List[Tensor] = []
         bias = torch.split(self.bias * self.bias_mask, self.out_sizes) if self.use_bias else []
         for o, blk in enumerate(outs):
@@ -111,15 +113,8 @@ class Linear(nn.Module):
         """One component-major [N, 2l+1, mul] tensor per block of ``irreps_in`` -> [N, irreps_out.dim]
         (mul-major); the same map as :meth:`forward`."""
         n = xs[0].shape[0]
-        outs: List[Optional[Tensor]] = [None for _ in self.out_sizes]
-        for k, ins in enumerate(self.instructions):
-            i, mul_i, o, mul_o, off = ins[0], ins[1], ins[2], ins[3], ins[5]
-            w = self.weight[off:off + mul_i * mul_o].view(mul_i, mul_o) * self.scales[k]
-            yb = torch.matmul(xs[i], w)                                          # [n, d, mul_o]
-            cur = outs[o]
-            outs[o] = yb if cur is None else cur + yb
         flat: List[Optional[Tensor]] = []
-        for blk in outs:
+        for blk in self._products(xs):
             flat.append(None if blk is None else blk.transpose(1, 2).reshape(n, blk.shape[1] * blk.shape[2]))
         out = _assemble(flat, self.out_sizes, xs[0])
         if self.use_bias:

@@ -91,7 +91,6 @@ class EdgeTensorProduct(nn.Module):
         self.irreps_sh = Irreps(irreps_sh)
         groups: List[List[int]] = []
         cg_chunks: List[torch.Tensor] = []
-        rep_chunks: List[torch.Tensor] = []
         out_blocks: List[Tuple[int, Tuple[int, int]]] = []
         group_d3: List[List[int]] = []  # output dimension of each path of each group
         group_kind: List[int] = []
@@ -111,9 +110,6 @@ class EdgeTensorProduct(nn.Module):
                     torch.from_numpy(clebsch_gordan(ir1.l, ir2.l, ir3.l)).permute(1, 0, 2) * math.sqrt(ir3.dim)
                     for ir3 in outs], dim=2)
                 cg_chunks.append(c.reshape(-1))
-                # which path each output column belongs to (local index inside the group)
-                rep = torch.cat([torch.full((ir3.dim,), k, dtype=torch.long) for k, ir3 in enumerate(outs)])
-                rep_chunks.append(rep)
                 groups.append([i1, mul, d1, i2, d2, cg_off, d3_total, rep_off, len(outs)])
                 group_d3.append([ir3.dim for ir3 in outs])
                 kind, diag = _GENERAL, 0.0
@@ -141,14 +137,19 @@ class EdgeTensorProduct(nn.Module):
         self.in_dims: List[int] = [m.ir.dim for m in self.irreps_in]
         self.sh_sizes: List[int] = [m.dim for m in self.irreps_sh]
         self.path_muls: List[int] = [mul for mul, _ in out_blocks]
-        # kept in float64 whatever the default dtype; model.to(dtype) casts it once. `rep` (which
-        # path each output column of a group belongs to) is no longer used by the forward pass but
-        # stays a buffer so state dicts keep their layout.
+        # kept in float64 whatever the default dtype; model.to(dtype) casts it once
         self.register_buffer("cg", torch.cat(cg_chunks))
-        self.register_buffer("rep", torch.cat(rep_chunks))
         self.irreps_out = Irreps(out_blocks)
         self.weight_numel = w_off
         self._build_merged(out_blocks)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints written before equiforce dropped the unused `rep` buffer (path index of each
+        # output column, derived from the irreps) still load: the stale entry is ignored
+        state_dict.pop(prefix + "rep", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _build_merged(self, out_blocks: List[Tuple[int, Tuple[int, int]]]) -> None:
         """Merged groups (module docstring): original groups with equal ``(l1, l2, [l3...])``.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .spherical_harmonics import spherical_harmonics
+from .rotations import random_rotations
 
 
 def _sample_directions(n: int) -> np.ndarray:
@@ -52,15 +53,8 @@ def wigner_D(l: int, R: np.ndarray) -> np.ndarray:
 
 
 def _fixed_rotations() -> list:
-    rng = np.random.default_rng(12345)
-    out = []
-    for _ in range(2):
-        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-        q = q * np.sign(np.diag(r))
-        if np.linalg.det(q) < 0:
-            q[:, 0] = -q[:, 0]
-        out.append(q)
-    return out
+    """Two fixed rotations (seeded; the same matrices on every machine) for the CG null-space solve."""
+    return list(random_rotations(2, np.random.default_rng(12345)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import CheckpointError, ConfigError, DataError, UserError  # noqa: F401 (re-exported)
+from ..errors import reject_unknown_keys
 from ..model.network import ModelConfig
 
 
@@ -111,9 +112,7 @@ class TrainConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"the configuration must be a mapping of settings, got {type(d).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown}; known settings: {sorted(fields)}")
+        reject_unknown_keys(d, fields, "setting")
         kwargs: Dict[str, Any] = {}
         for name, value in d.items():
             if name == "model":
@@ -197,9 +196,7 @@ def _model_config(value: Any) -> ModelConfig:
     if not isinstance(value, Mapping):
         raise ConfigError(f"'model' must be a mapping of model settings, got {value!r}")
     known = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown model setting(s) {unknown}; known model settings: {sorted(known)}")
+    reject_unknown_keys(value, known, "model setting")
     return ModelConfig(**{k: _coerce(f"model.{k}", known[k], v) for k, v in value.items()})
 
 

@@ -25,15 +25,21 @@ scale = RMS of the training force components. The model returns exactly the shif
 atom, so when isolated-atom reference energies are known, ``atomic_energies`` makes the energy
 easier to learn than the least-squares shift (which puts the mean per-atom energy there).
 Metrics: energy MAE per atom (meV/atom), force MAE and RMSE over Cartesian components (meV/Å),
-stress MAE over the 9 components (meV/Å^3).
+stress MAE over the 9 components (meV/Å^3), see :mod:`equiforce.training.metrics`.
+
+Structure: :func:`_setup` (configuration, data, model, optimiser; resume checks), :func:`_train_epoch`
+(one pass), :func:`_validate`, then the epoch's checkpoints (:mod:`equiforce.training.checkpoints`,
+atomic) and only then its metrics.csv row, so a failed write never leaves a row for an unsaved
+epoch. EMA: :mod:`equiforce.training.ema`. A resumed run checks that the data file is unchanged
+(sha256 recorded at the start) and accepts flags equal to the saved settings.
 """
 import contextlib
-import csv
 import math
 import os
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,19 +47,17 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, DataError
-from .config import TrainConfig
 from ..data.dataset import Graph, average_num_neighbors, collate, load_dataset, split_indices
 from ..model.forces import model_outputs
 from ..model.network import EquiforceModel, ModelConfig
 from ..o3.rotations import random_rotations
+from ..units import dtype_from_name
+from .checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_model, data_digest, load_checkpoint,  # noqa: F401
+                          model_from_checkpoint, save_checkpoint)
+from .config import TrainConfig
+from .ema import EMA
+from .metrics import ErrorAccumulator, MetricsLog
 
-CHECKPOINT_KIND = "equiforce-checkpoint"
-CHECKPOINT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-METRIC_NAMES = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",
-                "dipole_mae_e_a")
-CSV_COLUMNS = (["epoch", "lr", "train_loss", "val_loss"] + [f"train_{m}" for m in METRIC_NAMES]
-               + [f"val_{m}" for m in METRIC_NAMES] + ["time_s"])
 # epochs whose validation loss is within this relative margin of the best do not count as improvements
 IMPROVEMENT_RTOL = 1e-6
 
@@ -112,49 +116,6 @@ def isolated_atom_energies(graphs: Sequence[Graph], species: Sequence[str]) -> D
 # ---------------------------------------------------------------------------------------------
 # exponential moving average of the weights
 # ---------------------------------------------------------------------------------------------
-class EMA:
-    """``shadow = d * shadow + (1 - d) * param`` after every step, with ``d = min(decay, (1+n)/(10+n))``
-    (a warm-up so early shadows are not dominated by the random initialisation)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.num_updates = 0
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-        for n, p in model.named_parameters():
-            self.shadow[n].mul_(d).add_(p.detach(), alpha=1.0 - d)
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """Temporarily load the EMA weights into ``model``."""
-        backup = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.copy_to(model)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(backup[n])
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            p.copy_(self.shadow[n])
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
-        for n, v in state["shadow"].items():
-            self.shadow[n].copy_(v)
-
-
 # ---------------------------------------------------------------------------------------------
 # predictions, loss and metrics
 # ---------------------------------------------------------------------------------------------
@@ -204,65 +165,6 @@ def rotate_batch(batch: dict, rotations: Tensor) -> dict:
     return out
 
 
-class ErrorAccumulator:
-    """Sums of absolute and squared errors over batches; gives MSE terms and metrics in meV."""
-
-    def __init__(self) -> None:
-        self.n_struct = 0
-        self.e_abs = self.e_sq = 0.0
-        self.n_comp = 0
-        self.f_abs = self.f_sq = 0.0
-        self.n_stress = 0
-        self.s_abs = self.s_sq = 0.0
-        self.n_dipole = 0
-        self.d_abs = self.d_sq = 0.0
-
-    @torch.no_grad()
-    def add(self, pred: Dict[str, Tensor], batch: dict) -> None:
-        de = ((pred["energy"] - batch["energy"]) / batch["natoms"].to(pred["energy"].dtype)).double()
-        self.n_struct += de.numel()
-        self.e_abs += float(de.abs().sum())
-        self.e_sq += float((de * de).sum())
-        df = (pred["forces"] - batch["forces"]).double()
-        self.n_comp += df.numel()
-        self.f_abs += float(df.abs().sum())
-        self.f_sq += float((df * df).sum())
-        mask = batch["has_stress"]
-        if bool(mask.any()):
-            ds = (pred["stress"][mask] - batch["stress"][mask]).double()
-            self.n_stress += ds.numel()
-            self.s_abs += float(ds.abs().sum())
-            self.s_sq += float((ds * ds).sum())
-        if "dipole" in pred and "has_dipole" in batch and bool(batch["has_dipole"].any()):
-            mask = batch["has_dipole"]
-            dd = (pred["dipole"][mask] - batch["dipole"][mask]).double()
-            self.n_dipole += dd.numel()
-            self.d_abs += float(dd.abs().sum())
-            self.d_sq += float((dd * dd).sum())
-
-    def loss(self, config: TrainConfig) -> float:
-        total = 0.0
-        if self.n_struct:
-            total += config.energy_weight * self.e_sq / self.n_struct
-        if self.n_comp:
-            total += config.forces_weight * self.f_sq / self.n_comp
-        if self.n_stress:
-            total += config.stress_weight * self.s_sq / self.n_stress
-        if self.n_dipole:
-            total += config.dipole_weight * self.d_sq / self.n_dipole
-        return total
-
-    def metrics(self) -> Dict[str, float]:
-        nan = float("nan")
-        return {
-            "energy_mae_mev_per_atom": 1000.0 * self.e_abs / self.n_struct if self.n_struct else nan,
-            "force_mae_mev_per_a": 1000.0 * self.f_abs / self.n_comp if self.n_comp else nan,
-            "force_rmse_mev_per_a": 1000.0 * math.sqrt(self.f_sq / self.n_comp) if self.n_comp else nan,
-            "stress_mae_mev_per_a3": 1000.0 * self.s_abs / self.n_stress if self.n_stress else nan,
-            "dipole_mae_e_a": self.d_abs / self.n_dipole if self.n_dipole else nan,
-        }
-
-
 def batch_loss(pred: Dict[str, Tensor], batch: dict, config: TrainConfig) -> Tensor:
     """Weighted MSE loss of one batch (see the module docstring)."""
     de = (pred["energy"] - batch["energy"]) / batch["natoms"].to(pred["energy"].dtype)
@@ -291,42 +193,8 @@ def evaluate_graphs(model: nn.Module, graphs: Sequence[Graph], batch_size: int, 
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
+# the untrained model
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically (temporary file + rename), so an interrupted run never leaves half a file."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by :func:`train`, with clear errors for missing or corrupt files."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"'{path}' is a directory; give a checkpoint file such as {os.path.join(path, 'best.pt')}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist; train first with `equiforce train`")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a checkpoint ({first}); "
-                              "use another checkpoint of the run or train again") from None
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"'{path}' is not an equiforce training checkpoint")
-    if state.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint '{path}' has version {state.get('checkpoint_version')}; this equiforce "
-                              f"reads version {CHECKPOINT_VERSION}")
-    missing = [k for k in ("config", "species", "model_state", "epoch") if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint '{path}' is incomplete (missing {missing}); train again")
-    return state
-
-
-def build_model(model_config: ModelConfig, species: List[str]) -> EquiforceModel:
-    return EquiforceModel(model_config, list(species))
-
-
 def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[Graph],
                isolated: Optional[Dict[str, float]] = None) -> Tuple[EquiforceModel, TrainConfig]:
     """The untrained model of a run: seeded initial weights, ``avg_num_neighbors`` from the training
@@ -335,6 +203,10 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
     Shifts: ``config.atomic_energies`` when set (every species), else the ``isolated`` atom energies
     found in the data for their species and least squares for the rest."""
     torch.manual_seed(config.seed)
+    if not any(int(g["edge_index"].shape[1]) for g in train_graphs):
+        raise DataError(f"no two atoms of the training structures in '{config.data}' are closer than the cutoff "
+                        f"r_max = {config.model.r_max:g} Å, so the model would have no interactions; use a larger "
+                        "cutoff (--r-max, typically 4-6 Å for molecules and solids)")
     mc = ModelConfig.from_dict({**config.model.to_dict(), "avg_num_neighbors": average_num_neighbors(train_graphs)})
     config = config.replace(model=mc)
     model = build_model(config.model, species)
@@ -346,7 +218,7 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
             raise ConfigError(f"atomic_energies lacks {missing}; give an energy (eV) for every species in the "
                               f"data {species} or remove atomic_energies to fit the shifts by least squares")
         shift = torch.tensor([config.atomic_energies[s] for s in species], dtype=torch.float64)
-    model = model.to(DTYPES[config.dtype])
+    model = model.to(dtype_from_name(config.dtype))
     model.set_scale_shift(scale, shift)
     if config.model.dipole != "none":
         labelled = [g["dipole"] for g in train_graphs if bool(g.get("has_dipole", torch.tensor(False)))]
@@ -359,27 +231,12 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
     return model, config
 
 
-def model_from_checkpoint(state: dict, use_ema: bool = True) -> Tuple[EquiforceModel, TrainConfig]:
-    """Rebuild the model of a checkpoint (EMA weights when present and ``use_ema``)."""
-    try:
-        config = TrainConfig.from_dict(state["config"])
-        model = build_model(config.model, state["species"]).to(DTYPES[config.dtype])
-        model.load_state_dict(state["model_state"])
-        if use_ema and state.get("ema_state") is not None:
-            ema = EMA(model, state["ema_state"]["decay"])
-            ema.load_state_dict(state["ema_state"])
-            ema.copy_to(model)
-    except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint does not match this version of the model ({str(exc).splitlines()[0]})") from None
-    return model, config
-
-
 def _example_structure(g: Graph) -> Dict[str, Tensor]:
     return {k: g[k] for k in ("pos", "species", "edge_index", "edge_shift", "cell")}
 
 
 # ---------------------------------------------------------------------------------------------
-# the training loop
+# the training loop: setup, one epoch, one checkpoint
 # ---------------------------------------------------------------------------------------------
 RESUMABLE = ("epochs", "max_minutes", "early_stopping_patience", "num_threads", "device")
 
@@ -398,57 +255,71 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return None
 
 
-def _fmt(v: float) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs."""
+    config: TrainConfig
+    state: Optional[dict]        # the checkpoint resumed from, or None
+    device: torch.device
+    dtype: torch.dtype
+    species: List[str]
+    train_graphs: List[Graph]
+    val_graphs: List[Graph]
+    split: Dict[str, List[int]]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema: Optional[EMA]
+    data_digest: str
+    start_epoch: int = 1
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    prior_time: float = 0.0
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.config.out, "last.pt")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.config.out, "best.pt")
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, resume_overrides: Optional[Dict[str, object]] = None) -> dict:
-    """Train (or resume) a model as described by ``config``; returns a summary dict.
-
-    ``resume=True`` continues from ``<out>/last.pt``: the saved configuration is used, except the
-    settings in :data:`RESUMABLE` given in ``resume_overrides``. The epoch count continues.
-    torch's thread count is restored on return when ``num_threads`` changed it.
-    """
-    threads = torch.get_num_threads()
-    try:
-        return _train(config, resume, progress, log, resume_overrides)
-    finally:
-        torch.set_num_threads(threads)
+def _saved_value(config: TrainConfig, key: str):
+    """The value of a (dotted, e.g. ``model.channels``) setting in ``config``."""
+    obj = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
-def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str], None],
-           resume_overrides: Optional[Dict[str, object]]) -> dict:
+def _resume_config(config: TrainConfig, resume_overrides: Optional[Dict[str, object]]) -> Tuple[TrainConfig, dict]:
+    """The saved configuration of the run in ``config.out`` with the allowed overrides applied, and
+    its ``last.pt``. Flags equal to the saved values are accepted; others must be in :data:`RESUMABLE`."""
     out = config.out
-    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
-    csv_path = os.path.join(out, "metrics.csv")
-    state = None
-    if resume:
-        state = load_checkpoint(last_path)
-        saved = TrainConfig.from_dict(state["config"])
-        changes = {k: v for k, v in (resume_overrides or {}).items() if v is not None}
-        if "data" in changes and os.path.abspath(str(changes["data"])) != os.path.abspath(saved.data):
-            raise ConfigError(f"the run in '{out}' was trained on '{saved.data}', not '{changes['data']}'; "
-                              "resume with the same data or start a new run with another --out")
-        changes.pop("data", None)
-        bad = sorted(set(changes) - set(RESUMABLE))
-        if bad:
-            raise ConfigError(f"cannot change {bad} when resuming (only {list(RESUMABLE)}); "
-                              "start a new run with another --out to change them")
-        config = saved.replace(**changes, out=out)
-    elif os.path.exists(last_path):
-        raise ConfigError(f"run directory '{out}' already holds a checkpoint; pass --resume to continue it "
-                          "or choose another --out")
-    if not config.data:
-        raise ConfigError("no training data given; pass --data FILE.extxyz (or set 'data' in the config)")
-    if state is None:
-        config = config.replace(data=os.path.abspath(config.data))  # resumable from any directory
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{config.device}' requested but CUDA is not available; use --device cpu")
-    dtype = DTYPES[config.dtype]
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    last_path = os.path.join(out, "last.pt")
+    if not os.path.isfile(last_path):
+        raise ConfigError(f"nothing to resume in '{out}': '{last_path}' does not exist; run without --resume to "
+                          "start a new run there (with the same flags), or give the run's directory with --out")
+    state = load_checkpoint(last_path)
+    saved = TrainConfig.from_dict(state["config"])
+    changes = {k: v for k, v in (resume_overrides or {}).items() if v is not None}
+    if "data" in changes and os.path.abspath(str(changes["data"])) != os.path.abspath(saved.data):
+        raise ConfigError(f"the run in '{out}' was trained on '{saved.data}', not '{changes['data']}'; "
+                          "resume with the same data or start a new run with another --out")
+    changes.pop("data", None)
+    changes = {k: v for k, v in changes.items() if k in RESUMABLE or _saved_value(saved, k) != v}
+    bad = sorted(set(changes) - set(RESUMABLE))
+    if bad:
+        was = ", ".join(f"{k} = {_saved_value(saved, k)!r}" for k in bad)
+        raise ConfigError(f"cannot change {bad} when resuming (the run has {was}; only {list(RESUMABLE)} may "
+                          "change); start a new run with another --out to change them")
+    return saved.replace(**changes, out=out), state
+
+
+def _load_split(config: TrainConfig, state: Optional[dict], progress: bool):
+    """Species, training and validation graphs and the split of a run (the saved split on resume)."""
     species = None if state is None else list(state["species"])
     graphs, species = load_dataset(config.data, config.model.r_max, species, config.energy_key,
                                    config.forces_key, config.stress_key, config.dipole_key, config.charge_key)
@@ -468,8 +339,52 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         if max(train_idx + val_idx + test_idx) >= len(graphs):
             raise DataError(f"'{config.data}' has {len(graphs)} structures, fewer than when the run started; "
                             "resume with the same data file")
-    train_graphs = [graphs[k] for k in train_idx]
-    val_graphs = [graphs[k] for k in val_idx]
+    split = {"train": train_idx, "val": val_idx, "test": test_idx}
+    return species, [graphs[k] for k in train_idx], [graphs[k] for k in val_idx], split, isolated
+
+
+def _check_run_directory(out: str) -> None:
+    """ConfigError unless ``out`` is a directory or can be created as one (checked before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out '{out}' is a file, not a directory; give a directory for the run (it is created "
+                          "when missing)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create the run directory '{out}': '{parent}' is a file, not a directory; "
+                          "choose another --out")
+    if not os.path.isdir(out) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the run directory '{out}': no write permission in '{parent}'; "
+                          "choose another --out")
+
+
+def _setup(config: TrainConfig, resume: bool, progress: bool,
+           resume_overrides: Optional[Dict[str, object]]) -> _Run:
+    """Configuration, data, model, optimiser, scheduler and EMA of a new or resumed run."""
+    state = None
+    if resume:
+        config, state = _resume_config(config, resume_overrides)
+    elif os.path.exists(os.path.join(config.out, "last.pt")):
+        raise ConfigError(f"run directory '{config.out}' already holds a checkpoint; pass --resume to continue it "
+                          "or choose another --out")
+    if not config.data:
+        raise ConfigError("no training data given; pass --data FILE.extxyz (or set 'data' in the config)")
+    _check_run_directory(config.out)
+    if state is None:
+        config = config.replace(data=os.path.abspath(config.data))  # resumable from any directory
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{config.device}' requested but CUDA is not available; use --device cpu")
+    dtype = dtype_from_name(config.dtype)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    digest = data_digest(config.data) if os.path.isfile(config.data) else ""
+    if state is not None and state.get("data_digest") and digest != state["data_digest"]:
+        raise DataError(f"'{config.data}' changed since the run in '{config.out}' started (its sha256 differs from "
+                        "the one recorded in last.pt): resuming would silently train and validate on other "
+                        "structures; restore the original file, or start a new run with another --out")
+    species, train_graphs, val_graphs, split, isolated = _load_split(config, state, progress)
 
     if state is None:
         model, config = init_model(config, species, train_graphs, isolated)
@@ -481,7 +396,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    start_epoch, best_loss, best_epoch, bad_epochs = 1, math.inf, 0, 0
+    run = _Run(config=config, state=state, device=device, dtype=dtype, species=species, train_graphs=train_graphs,
+               val_graphs=val_graphs, split=split, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+               data_digest=digest)
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer_state"])
@@ -492,93 +409,136 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
             if ema is not None and state.get("ema_state") is not None:
                 ema.load_state_dict(state["ema_state"])
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint '{last_path}' cannot be resumed ({str(exc).splitlines()[0]})") from None
-        start_epoch = int(state["epoch"]) + 1
-        best_loss, best_epoch = float(state["best_loss"]), int(state["best_epoch"])
-        bad_epochs = int(state["bad_epochs"])
+            raise CheckpointError(f"checkpoint '{run.last_path}' cannot be resumed "
+                                  f"({str(exc).splitlines()[0]})") from None
+        run.start_epoch = int(state["epoch"]) + 1
+        run.best_loss, run.best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+        run.bad_epochs = int(state["bad_epochs"])
+        run.prior_time = float(state.get("elapsed_s", 0.0))
+    return run
 
-    os.makedirs(out, exist_ok=True)
-    if state is None or not os.path.isfile(csv_path):
-        with open(csv_path, "w", newline="") as fh:
-            csv.writer(fh).writerow(CSV_COLUMNS)
-    log(f"equiforce {__version__}: {len(train_graphs)} train / {len(val_graphs)} val / {len(test_idx)} test "
-        f"structures, species {species}, {sum(p.numel() for p in model.parameters())} parameters, "
-        f"{config.dtype} on {device}" + (f", resuming at epoch {start_epoch}" if state else ""))
+
+def _train_epoch(run: _Run, epoch: int, deadline: Optional[float], progress: bool) -> Tuple[ErrorAccumulator, bool]:
+    """One pass over the training graphs (seeded shuffle and augmentation); returns the training
+    errors and whether the time limit was hit."""
+    from tqdm import tqdm
+
+    config, model = run.config, run.model
+    model.train()
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(run.train_graphs))
+    aug_rng = np.random.default_rng([config.seed, epoch, 1])
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    acc = ErrorAccumulator()
+    timed_out = False
+    bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+    for idx in bar:
+        batch = collate([run.train_graphs[k] for k in idx], run.dtype, run.device)
+        if config.rotation_augmentation:
+            rots = random_rotations(len(idx), aug_rng)
+            batch = rotate_batch(batch, torch.from_numpy(rots).to(run.device))
+        run.optimizer.zero_grad(set_to_none=True)
+        pred = predict(model, batch, create_graph=True)
+        loss = batch_loss(pred, batch, config)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at epoch {epoch} (loss {float(loss)}); "
+                               "lower lr or use --dtype float64")
+        loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(model)
+        acc.add({k: v.detach() for k, v in pred.items()}, batch)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out = True
+            break
+    bar.close()
+    return acc, timed_out
+
+
+def _validate(run: _Run, acc: ErrorAccumulator) -> ErrorAccumulator:
+    """Validation errors (EMA weights when on; the training errors when there is no validation set)."""
+    run.model.eval()
+    ctx = run.ema.applied(run.model) if run.ema is not None else contextlib.nullcontext()
+    with ctx:
+        if not run.val_graphs:
+            return acc
+        return evaluate_graphs(run.model, run.val_graphs, run.config.batch_size, run.dtype, run.device)
+
+
+def _checkpoint_state(run: _Run, epoch: int, metrics: dict, elapsed: float) -> dict:
+    return {
+        "kind": CHECKPOINT_KIND, "checkpoint_version": CHECKPOINT_VERSION, "equiforce_version": __version__,
+        "config": run.config.to_dict(), "species": list(run.species), "model_state": run.model.state_dict(),
+        "ema_state": run.ema.state_dict() if run.ema is not None else None,
+        "optimizer_state": run.optimizer.state_dict(),
+        "scheduler_state": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "epoch": epoch, "best_loss": run.best_loss, "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs,
+        "split": run.split, "metrics": metrics, "elapsed_s": elapsed,
+        "example_structure": _example_structure(run.train_graphs[0]), "data_digest": run.data_digest,
+    }
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, resume_overrides: Optional[Dict[str, object]] = None) -> dict:
+    """Train (or resume) a model as described by ``config``; returns a summary dict.
+
+    ``resume=True`` continues from ``<out>/last.pt``: the saved configuration is used, except the
+    settings in :data:`RESUMABLE` given in ``resume_overrides`` (other settings may be given with
+    their saved values). The epoch count continues; the data file must be unchanged (sha256).
+    torch's thread count is restored on return when ``num_threads`` changed it.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(config, resume, progress, log, resume_overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str], None],
+           resume_overrides: Optional[Dict[str, object]]) -> dict:
+    run = _setup(config, resume, progress, resume_overrides)
+    config = run.config
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory '{config.out}' ({exc.strerror}); choose another --out") \
+            from None
+    metrics_log = MetricsLog(os.path.join(config.out, "metrics.csv"),
+                             resume_epoch=run.start_epoch - 1 if run.state is not None else None)
+    log(f"equiforce {__version__}: {len(run.train_graphs)} train / {len(run.val_graphs)} val / "
+        f"{len(run.split['test'])} test structures, species {run.species}, "
+        f"{sum(p.numel() for p in run.model.parameters())} parameters, {config.dtype} on {run.device}"
+        + (f", resuming at epoch {run.start_epoch}" if run.state else ""))
 
     t0 = time.monotonic()
     deadline = t0 + 60.0 * config.max_minutes if config.max_minutes else None
-    prior_time = float(state.get("elapsed_s", 0.0)) if state else 0.0
     stop_reason = "epochs"
-    epoch = start_epoch - 1
-    split = {"train": train_idx, "val": val_idx, "test": test_idx}
-    from tqdm import tqdm
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        model.train()
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train_graphs))
-        aug_rng = np.random.default_rng([config.seed, epoch, 1])
-        batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        acc = ErrorAccumulator()
-        timed_out = False
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress,
-                   dynamic_ncols=True)
-        for idx in bar:
-            batch = collate([train_graphs[k] for k in idx], dtype, device)
-            if config.rotation_augmentation:
-                rots = random_rotations(len(idx), aug_rng)
-                batch = rotate_batch(batch, torch.from_numpy(rots).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            pred = predict(model, batch, create_graph=True)
-            loss = batch_loss(pred, batch, config)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training diverged at epoch {epoch} (loss {float(loss)}); "
-                                   "lower lr or use --dtype float64")
-            loss.backward()
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            acc.add({k: v.detach() for k, v in pred.items()}, batch)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
-            if deadline is not None and time.monotonic() > deadline:
-                timed_out = True
-                break
-        bar.close()
-
-        model.eval()
-        ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
-        with ctx:
-            val = evaluate_graphs(model, val_graphs, config.batch_size, dtype, device) if val_graphs else acc
+    epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, config.epochs + 1):
+        acc, timed_out = _train_epoch(run, epoch, deadline, progress)
+        val = _validate(run, acc)
         val_loss, train_loss = val.loss(config), acc.loss(config)
-        lr = optimizer.param_groups[0]["lr"]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
-        elif scheduler is not None:
-            scheduler.step()
-        improved = val_loss < best_loss * (1.0 - IMPROVEMENT_RTOL)
+        lr = run.optimizer.param_groups[0]["lr"]
+        if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            run.scheduler.step(val_loss)
+        elif run.scheduler is not None:
+            run.scheduler.step()
+        improved = val_loss < run.best_loss * (1.0 - IMPROVEMENT_RTOL)
         if improved:
-            best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
+            run.best_loss, run.best_epoch, run.bad_epochs = val_loss, epoch, 0
         else:
-            bad_epochs += 1
-        elapsed = prior_time + time.monotonic() - t0
+            run.bad_epochs += 1
+        elapsed = run.prior_time + time.monotonic() - t0
         tm, vm = acc.metrics(), val.metrics()
-        row = [epoch, lr, train_loss, val_loss] + [tm[m] for m in METRIC_NAMES] + [vm[m] for m in METRIC_NAMES] + [elapsed]
-        with open(csv_path, "a", newline="") as fh:
-            csv.writer(fh).writerow([row[0]] + [_fmt(float(v)) for v in row[1:]])
-        ckpt = {
-            "kind": CHECKPOINT_KIND, "checkpoint_version": CHECKPOINT_VERSION, "equiforce_version": __version__,
-            "config": config.to_dict(), "species": list(species), "model_state": model.state_dict(),
-            "ema_state": ema.state_dict() if ema is not None else None,
-            "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-            "split": split, "metrics": {"train": tm, "val": vm, "train_loss": train_loss, "val_loss": val_loss},
-            "elapsed_s": elapsed, "example_structure": _example_structure(train_graphs[0]),
-        }
+        ckpt = _checkpoint_state(run, epoch, {"train": tm, "val": vm, "train_loss": train_loss, "val_loss": val_loss},
+                                 elapsed)
+        # checkpoints first, then the metrics row: a failed write leaves no row for an unsaved epoch
         if improved:
-            save_checkpoint(best_path, ckpt)
-        save_checkpoint(last_path, ckpt)
+            save_checkpoint(run.best_path, ckpt)
+        save_checkpoint(run.last_path, ckpt)
+        metrics_log.append(epoch, lr, train_loss, val_loss, tm, vm, elapsed)
         log(f"epoch {epoch:4d}  lr {lr:.3g}  loss {train_loss:.4g}/{val_loss:.4g}  "
             f"E {vm['energy_mae_mev_per_atom']:.3g} meV/atom  F {vm['force_mae_mev_per_a']:.3g} meV/A"
             + ("" if math.isnan(vm["dipole_mae_e_a"]) else f"  mu {vm['dipole_mae_e_a']:.3g} eA")
@@ -586,10 +546,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         if timed_out:
             stop_reason = "max_minutes"
             break
-        if config.early_stopping_patience and bad_epochs >= config.early_stopping_patience:
+        if config.early_stopping_patience and run.bad_epochs >= config.early_stopping_patience:
             stop_reason = "early_stopping"
             break
-    log(f"stopped ({stop_reason}) after epoch {epoch}; best epoch {best_epoch} (val loss {best_loss:.4g}) "
-        f"saved in {best_path}")
-    return {"out": out, "epoch": epoch, "best_epoch": best_epoch, "best_loss": best_loss, "stop_reason": stop_reason,
-            "species": species, "config": config}
+    log(f"stopped ({stop_reason}) after epoch {epoch}; best epoch {run.best_epoch} (val loss {run.best_loss:.4g}) "
+        f"saved in {run.best_path}")
+    return {"out": config.out, "epoch": epoch, "best_epoch": run.best_epoch, "best_loss": run.best_loss,
+            "stop_reason": stop_reason, "species": run.species, "config": config}
