@@ -162,8 +162,8 @@ def test_out_that_is_or_lies_under_a_file_is_refused(dataset, tmp_path, capsys, 
     out = afile if where == "file" else afile / "run"
     code, _, err = cli(capsys, "train", "--data", dataset, "--out", out, "--epochs", 1, "--no-progress", *SMALL)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    expected = "is a file, not a directory; give a directory" if where == "file" else \
-        f"cannot create the run directory '{out}': '{afile}' is a file, not a directory; choose another --out"
+    expected = "is an existing file, not a run directory; give a directory" if where == "file" else \
+        f"cannot create the run directory '{out}': '{afile}' exists and is not a directory; choose another --out"
     assert expected in err, err
     assert afile.read_text() == "keep me\n"
 

@@ -129,7 +129,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .training.config import build_config, read_yaml
-    from .training.loop import train
+    from .training.loop import check_run_directory, train
 
     if args.config and args.config_file and args.config != args.config_file:
         raise ConfigError("give the configuration once (either positional or --config)")
@@ -145,28 +145,12 @@ def _run_train(args: argparse.Namespace) -> int:
         # flags equal to the run's saved settings are fine; train() refuses changed ones (not RESUMABLE)
         given = {k: v for k, v in overrides.items() if v is not None and k != "out"}
         config = build_config(None, {"out": out})
-        _check_run_dir(config.out)
+        check_run_directory(config.out)
         train(config, resume=True, progress=not args.no_progress, resume_overrides=given)
         return 0
     config = build_config(yaml_path, overrides)
-    _check_run_dir(config.out)
     train(config, progress=not args.no_progress)
     return 0
-
-
-def _check_run_dir(out: str) -> None:
-    """ConfigError when the run directory ``out`` is an existing file or lies under one."""
-    from .errors import ConfigError
-
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out '{out}' is an existing file, not a run directory; give a directory "
-                          "(new or from an earlier run), e.g. --out run2")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out '{out}' cannot be created: '{parent}' exists and is not a directory; "
-                          "give a run directory inside a directory, e.g. --out run2")
 
 
 # ---------------------------------------------------------------------------------------------

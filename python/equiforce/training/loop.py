@@ -343,16 +343,16 @@ def _load_split(config: TrainConfig, state: Optional[dict], progress: bool):
     return species, [graphs[k] for k in train_idx], [graphs[k] for k in val_idx], split, isolated
 
 
-def _check_run_directory(out: str) -> None:
+def check_run_directory(out: str) -> None:
     """ConfigError unless ``out`` is a directory or can be created as one (checked before any work)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out '{out}' is a file, not a directory; give a directory for the run (it is created "
-                          "when missing)")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out '{out}' is an existing file, not a run directory; give a directory (new or from "
+                          "an earlier run; it is created when missing), e.g. --out run2")
     parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ConfigError(f"cannot create the run directory '{out}': '{parent}' is a file, not a directory; "
+        raise ConfigError(f"cannot create the run directory '{out}': '{parent}' exists and is not a directory; "
                           "choose another --out")
     if not os.path.isdir(out) and not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot create the run directory '{out}': no write permission in '{parent}'; "
@@ -370,7 +370,7 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
                           "or choose another --out")
     if not config.data:
         raise ConfigError("no training data given; pass --data FILE.extxyz (or set 'data' in the config)")
-    _check_run_directory(config.out)
+    check_run_directory(config.out)
     if state is None:
         config = config.replace(data=os.path.abspath(config.data))  # resumable from any directory
     device = torch.device(config.device)
