@@ -42,7 +42,7 @@ are rotation-invariant (see :class:`equiforce.nn.heads.VectorHead`).
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -291,6 +291,17 @@ class EquiforceModel(nn.Module):
     def features(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
         """Output of the last interaction layer [N, dim]: ``C`` scalars first (then ``C`` vectors
         when a vector head needs them)."""
+        sh, basis, envelope, radial_index = self.edge_terms(species, edge_index, edge_vec)
+        x = self.embedding(species).to(edge_vec.dtype)
+        for layer in self.layers:
+            x = layer(x, species, edge_index, sh, basis, envelope, radial_index)
+        return x
+
+    def edge_terms(self, species: Tensor, edge_index: Tensor,
+                   edge_vec: Tensor) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """What every layer reads from the edges: harmonics [E, sh_dim], radial basis [E or U,
+        num_bessel], envelope [E], and (fused kernels on the CPU) the row of the radial basis of
+        each edge [E] (None: one row per edge)."""
         r = safe_norm(edge_vec)
         sh = spherical_harmonics(self.lmax, safe_normalize(edge_vec, r))
         envelope = polynomial_cutoff(r, self.r_max, self.cutoff_p)
@@ -305,10 +316,38 @@ class EquiforceModel(nn.Module):
             basis = self.basis(r.index_select(0, reps))
         else:
             basis = self.basis(r)
-        x = self.embedding(species).to(edge_vec.dtype)
-        for layer in self.layers:
-            x = layer(x, species, edge_index, sh, basis, envelope, radial_index)
-        return x
+        return sh, basis, envelope, radial_index
+
+    # ---- per-layer entry points (an engine that exchanges features between layers, e.g. LAMMPS'
+    # `path exchange`); features() == layer_step(L-1, ... layer_step(0, embed_species(species)))
+
+    def layer_dims(self) -> List[int]:
+        """Feature width before each layer and after the last: [d0, d1, ..., dL]."""
+        return [int(self.channels)] + [int(layer.irreps_out.dim) for layer in self.layers]
+
+    def embed_species(self, species: Tensor) -> Tensor:
+        """Input features of the first layer [N, d0] (no dependence on positions)."""
+        return self.embedding(species)
+
+    def layer_step(self, k: int, x: Tensor, species: Tensor, edge_index: Tensor, edge_vec: Tensor,
+                   n_update: int) -> Tensor:
+        """Layer ``k`` on features ``x`` [N, d_k] -> [n_update, d_{k+1}]: rows ``< n_update`` of
+        the output, exact when every edge into those atoms (receivers ``edge_index[0]``) is given
+        with the neighbours' features in ``x``; edges into other atoms may be absent."""
+        sh, basis, envelope, radial_index = self.edge_terms(species, edge_index, edge_vec)
+        out = x
+        for i, layer in enumerate(self.layers):
+            if i == k:
+                out = layer(x, species, edge_index, sh, basis, envelope, radial_index)
+        if k < 0 or k >= self.num_layers:
+            raise RuntimeError("equiforce: layer index " + str(k) + " outside [0, " + str(self.num_layers) + ")")
+        return out[:n_update]
+
+    def readout_energy(self, x: Tensor, species: Tensor) -> Tensor:
+        """Per-atom energies [N] (eV; scale, shift and isolated-atom reference included) from the
+        last layer's features ``x`` [N, d_L]."""
+        raw = self.readout(x[:, :self.channels]).squeeze(-1)
+        return self._atom_energy(raw, species, x)
 
     def raw_energy(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
         """Network output per atom before scale, shift and isolated-atom reference [N]."""

@@ -1,0 +1,131 @@
+"""Per-layer entry points of exported files (``embed`` / ``layer`` / ``readout``,
+:class:`equiforce.deploy.export.LayerEntryPoints`) and the C++ stepper behind LAMMPS'
+``path exchange`` (cpp/equiforce_layers.h, through ``equiforce._runtime.LayerStepper``).
+
+References: the exported file's own one-call ``forward`` (itself checked against the PyTorch
+path, e3nn and LAMMPS elsewhere), float64. Tolerances: energy, forces and virial 1e-12 relative
+to the largest value (the same arithmetic in a different order).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from equiforce.data.neighbors import neighbor_list
+from equiforce.deploy.export import METADATA_FILE, export_model, load_exported
+from equiforce.model.forces import forces_virial_from_edge_grad
+from equiforce.model.network import EquiforceModel, ModelConfig
+
+F64 = torch.float64
+SPECIES = ["Si", "C"]
+REL = 1e-12
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    settings = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12,
+                    avg_num_neighbors=12.0)
+    settings.update(kw)
+    model = EquiforceModel(ModelConfig(**settings), SPECIES).double()
+    model.set_scale_shift(torch.tensor([1.5, 0.7]), torch.tensor([-3.0, -1.0]))
+    return model
+
+
+def periodic_structure(seed=1, n=24):
+    rng = np.random.default_rng(seed)
+    cell = torch.tensor([[6.1, 0.0, 0.0], [0.6, 6.3, 0.0], [-0.4, 0.5, 6.6]], dtype=F64)
+    pos = torch.tensor(rng.random((n, 3)), dtype=F64) @ cell
+    species = torch.tensor(rng.integers(0, 2, n), dtype=torch.long)
+    return pos, species, cell
+
+
+@pytest.fixture(scope="module", params=["fused", "portable"])
+def exported(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("exchange") / f"model_{request.param}.pt")
+    model = make_model().for_export(fused=request.param == "fused")
+    export_model(model, path, dtype=F64, symmetry="O3")
+    module, meta = load_exported(path)
+    return path, module, meta
+
+
+def stepped(module, meta, species, edge_index, edge_vec, n_local):
+    """Energy of the first n_local atoms, and dE/d edge_vec, stepping layer by layer with autograd
+    (each layer's input a fresh leaf, gradients chained backwards by hand as LAMMPS does)."""
+    x = module.embed(species)
+    n = species.shape[0]
+    ev = edge_vec.detach().requires_grad_(True)
+    pairs = []
+    for k in range(meta["num_layers"]):
+        xin = x.detach().requires_grad_(True)
+        out = module.layer(k, xin, species, edge_index, ev, n)
+        pairs.append((xin, out))
+        x = out
+    xl = x.detach().requires_grad_(True)
+    ea = module.readout(xl, species)
+    energy = ea[:n_local].sum()
+    g, = torch.autograd.grad(energy, xl)
+    g_ev = torch.zeros_like(ev)
+    for xin, out in reversed(pairs):
+        gx, gv = torch.autograd.grad(out, [xin, ev], g, allow_unused=True)
+        g_ev = g_ev + (gv if gv is not None else 0.0)
+        g = gx
+    return energy.detach(), ea.detach(), g_ev
+
+
+def test_metadata_describes_the_entry_points(exported):
+    _, module, meta = exported
+    assert meta["exchange"] is True
+    assert meta["layer_dims"] == [6, 6 * (1 + 3 + 5), 6 * (1 + 3 + 5), 6]
+    assert set(meta["methods"]) >= {"embed", "layer", "readout"}
+    x = module.embed(torch.tensor([0, 1, 1]))
+    assert tuple(x.shape) == (3, meta["layer_dims"][0])
+
+
+def test_layer_by_layer_equals_forward(exported):
+    _, module, meta = exported
+    pos, species, cell = periodic_structure()
+    idx, shift, _ = neighbor_list(pos, meta["r_max"], cell, torch.tensor([True] * 3))
+    edge_shift = shift @ cell
+    n = len(pos)
+    e_ref, ea_ref, f_ref, w_ref = module(pos, species, idx, edge_shift, cell, n)
+    ev = pos[idx[1]] - pos[idx[0]] + edge_shift
+    energy, ea, g = stepped(module, meta, species, idx, ev, n)
+    f, w = forces_virial_from_edge_grad(g, ev, idx, n, torch.zeros(idx.shape[1], dtype=torch.long), 1)
+    assert abs(float(energy - e_ref)) <= REL * abs(float(e_ref))
+    assert float((ea - ea_ref).abs().max()) <= REL * float(ea_ref.abs().max())
+    assert float((f - f_ref).abs().max()) <= REL * float(f_ref.abs().max())
+    assert float((w[0] - w_ref).abs().max()) <= REL * float(w_ref.abs().max())
+
+
+def test_layer_rows_need_only_their_incoming_edges(exported):
+    """Rows < n_update of a layer are exact with only the edges into those atoms."""
+    _, module, meta = exported
+    pos, species, cell = periodic_structure(seed=4)
+    idx, shift, _ = neighbor_list(pos, meta["r_max"], cell, torch.tensor([True] * 3))
+    ev = pos[idx[1]] - pos[idx[0]] + shift @ cell
+    x = module.embed(species).to(F64)
+    full = module.layer(0, x, species, idx, ev, len(pos))
+    keep = idx[0] < 10
+    part = module.layer(0, x, species, idx[:, keep], ev[keep], 10)
+    assert part.shape == (10, meta["layer_dims"][1])
+    assert float((part - full[:10]).abs().max()) <= REL * float(full.abs().max())
+
+
+def test_layer_index_out_of_range_is_a_clear_error(exported):
+    _, module, meta = exported
+    species = torch.tensor([0, 1])
+    x = module.embed(species)
+    with pytest.raises(Exception, match=r"layer index 3 outside \[0, 3\)"):
+        module.layer(3, x, species, torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3, dtype=F64), 2)
+
+
+@pytest.mark.parametrize("kind", ["direct_forces", "long_range"])
+def test_direct_force_and_long_range_files_have_no_entry_points(tmp_path, kind):
+    kw = {"direct_forces": True} if kind == "direct_forces" else {"long_range": "ewald"}
+    model = make_model(num_layers=2, lmax=1, **kw).for_export(fused=False)
+    path = str(tmp_path / "m.pt")
+    export_model(model, path, dtype=F64, symmetry="O3")
+    module, meta = load_exported(path)
+    assert meta["exchange"] is False and "layer_dims" not in meta
+    assert not hasattr(module, "layer")
