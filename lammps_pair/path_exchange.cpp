@@ -16,6 +16,7 @@
 #include "atom.h"
 #include "comm.h"
 #include "error.h"
+#include "force.h"
 #include "neigh_list.h"
 #include "neighbor.h"
 
@@ -23,11 +24,18 @@ using namespace LAMMPS_NS;
 
 /* ----------------------------------------------------------------------
    the widest exchanged feature block sets the per-atom size of both communications (called from
-   init_style, before Comm::init sizes its buffers)
+   init_style, before Comm::init sizes its buffers from force->pair). Under pair_style hybrid,
+   force->pair is the hybrid style, which took its sizes from the sub-styles in its settings(),
+   before this model was loaded: raise them there too.
 ------------------------------------------------------------------------- */
 
 void PairEquiforce::init_exchange() {
   comm_forward = comm_reverse = stepper_->widest();
+  Pair *top = force->pair;
+  if (top && top != this) {
+    top->comm_forward = std::max(top->comm_forward, comm_forward);
+    top->comm_reverse = std::max(top->comm_reverse, comm_reverse);
+  }
 }
 
 /* ---------------------------------------------------------------------- */

@@ -129,3 +129,77 @@ def test_direct_force_and_long_range_files_have_no_entry_points(tmp_path, kind):
     module, meta = load_exported(path)
     assert meta["exchange"] is False and "layer_dims" not in meta
     assert not hasattr(module, "layer")
+
+
+# ---- the C++ stepper (equiforce._runtime.LayerStepper), ghosts as copies of local rows ------------
+
+def images_as_ghosts(pos, cell, pbc, r_max):
+    """Edges with a local receiver and explicit ghost rows for periodic images: (pos_all [n_all, 3],
+    edge_index [2, E] into pos_all, owner [n_all - n], images-form (i, j, shift) of the same edges)."""
+    from ase.neighborlist import primitive_neighbor_list
+
+    i, j, S = primitive_neighbor_list("ijS", pbc, cell, pos, r_max, self_interaction=False)
+    n = len(pos)
+    ghost_row, extra, owner = {}, [], []
+    col = np.empty(len(i), dtype=np.int64)
+    for e, (jj, s) in enumerate(zip(j, map(tuple, S))):
+        if s == (0, 0, 0):
+            col[e] = jj
+            continue
+        key = (int(jj), s)
+        if key not in ghost_row:
+            ghost_row[key] = n + len(extra)
+            extra.append(pos[jj] + np.array(s) @ cell)
+            owner.append(int(jj))
+        col[e] = ghost_row[key]
+    pos_all = np.vstack([pos] + ([np.array(extra)] if extra else []))
+    return pos_all, np.stack([i, col]), np.array(owner, dtype=np.int64), (i, j, S @ cell)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from equiforce import _runtime
+
+    return _runtime
+
+
+def test_cpp_stepper_equals_forward(exported, runtime):
+    path, module, meta = exported
+    pos, species, cell = periodic_structure(seed=2)
+    n = len(pos)
+    pos_all, ei, owner, (i, j, shift) = images_as_ghosts(pos.numpy(), cell.numpy(), [True] * 3, meta["r_max"])
+    species_all = np.concatenate([species.numpy(), species.numpy()[owner]])
+    stepper = runtime.LayerStepper(runtime.Model(path))
+    assert list(stepper.layer_dims) == meta["layer_dims"] and stepper.widest == max(meta["layer_dims"][1:-1])
+    energy, atom_energy, g, n_fwd, n_rev = stepper.compute(pos_all, species_all, ei, n, owner)
+    assert (n_fwd, n_rev) == (meta["num_layers"] - 1,) * 2
+    e_ref, ea_ref, f_ref, w_ref = module(pos, species, torch.tensor(np.stack([i, j])), torch.tensor(shift), cell, n)
+    f = np.zeros((n, 3))
+    owner_all = np.concatenate([np.arange(n), owner])
+    np.add.at(f, ei[0], g)
+    np.add.at(f, owner_all[ei[1]], -g)
+    r = pos_all[ei[1]] - pos_all[ei[0]]
+    w = -(r[:, :, None] * g[:, None, :]).sum(0)
+    assert abs(energy - float(e_ref)) <= REL * abs(float(e_ref))
+    assert np.abs(atom_energy - ea_ref.numpy()).max() <= REL * np.abs(ea_ref.numpy()).max()
+    assert np.abs(f - f_ref.numpy()).max() <= REL * np.abs(f_ref.numpy()).max()
+    assert np.abs(w - w_ref.numpy()).max() <= REL * np.abs(w_ref.numpy()).max()
+
+
+def test_cpp_stepper_without_local_atoms_still_exchanges(exported, runtime):
+    """A rank that owns no atoms makes the same L-1 + L-1 exchanges (so no partner waits)."""
+    path, _, meta = exported
+    stepper = runtime.LayerStepper(runtime.Model(path))
+    energy, ea, g, n_fwd, n_rev = stepper.compute(np.zeros((0, 3)), np.zeros(0, dtype=np.int64),
+                                                  np.zeros((2, 0), dtype=np.int64), 0, np.zeros(0, dtype=np.int64))
+    assert energy == 0.0 and ea.shape == (0,) and g.shape == (0, 3)
+    assert (n_fwd, n_rev) == (meta["num_layers"] - 1,) * 2
+
+
+def test_cpp_stepper_refuses_a_file_without_entry_points(tmp_path, runtime):
+    from equiforce.model.analytic import AnalyticMessageModel
+
+    path = str(tmp_path / "analytic.pt")
+    export_model(AnalyticMessageModel(SPECIES, r_max=3.0, num_layers=2), path, dtype=F64)
+    with pytest.raises(ValueError, match=r"cannot be evaluated layer by layer: it has no per-layer entry points"):
+        runtime.LayerStepper(runtime.Model(path))
