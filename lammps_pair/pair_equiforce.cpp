@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <regex>
 #include <thread>
 #include <unordered_map>
 
@@ -188,6 +189,20 @@ torch::Device PairEquiforce::pick_device() {
   return device;
 }
 
+// "min_distance": X of the metadata (exported files carry it), 0.5 A when absent
+static double read_min_distance(const std::string &json) {
+  static const std::regex key("\"min_distance\"\\s*:\\s*([0-9.eE+-]+)");
+  std::smatch m;
+  if (std::regex_search(json, m, key)) {
+    try {
+      const double v = std::stod(m[1].str());
+      if (v >= 0.0) return v;
+    } catch (const std::exception &) {
+    }
+  }
+  return 0.5;
+}
+
 void PairEquiforce::load_model(const char *file, const torch::Device &device) {
   stepper_.reset();
   try {
@@ -200,6 +215,7 @@ void PairEquiforce::load_model(const char *file, const torch::Device &device) {
   num_layers_ = meta.num_layers;
   receptive_field_ = meta.receptive_field;
   long_range_ = meta.long_range;
+  min_distance_ = read_min_distance(meta.json);
   exchange_unsupported_ = equiforce::LayerStepper::unsupported_reason(*model_);
   if (exchange_unsupported_.empty()) stepper_ = std::make_unique<equiforce::LayerStepper>(*model_);
 }
@@ -224,6 +240,11 @@ void PairEquiforce::map_types(int ntypes, char **elements, const char *file) {
     nmapped++;
   }
   if (nmapped == 0) error->all(FLERR, "pair_coeff equiforce: every atom type is NULL; map at least one");
+  if (nmapped < ntypes && force->pair == this)
+    error->all(FLERR, "pair_coeff equiforce: {} of {} atom type(s) are NULL, but NULL (a type this style does not "
+                      "handle) needs another pair style for those types: use 'pair_style hybrid equiforce ... "
+                      "<other style>' with 'pair_coeff * * equiforce {} ...', or give every type an element",
+               ntypes - nmapped, ntypes, file);
   for (int i = 1; i <= ntypes; i++)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = (map[i] >= 0 && map[j] >= 0) ? 1 : 0;
 }
@@ -274,6 +295,16 @@ void PairEquiforce::init_style() {
   if (comm->mode != Comm::SINGLE)
     error->all(FLERR, "pair_style equiforce requires comm_modify mode single");
 
+  // bonded pairs with weight 0 vanish from the neighbour list (and weights in (0, 1) would be
+  // ignored): the model must see every pair within r_max
+  if (atom->molecular != Atom::ATOMIC)
+    for (int k = 1; k <= 3; k++)
+      if (force->special_lj[k] != 1.0 || force->special_coul[k] != 1.0)
+        error->all(FLERR, "pair_style equiforce needs every bonded pair in the neighbour list, but special_bonds "
+                          "weights are lj {} {} {} / coul {} {} {} (bonded pairs with weight 0 are dropped); add "
+                          "'special_bonds lj/coul 1 1 1' (bonds, angles and dihedrals then only matter for "
+                          "topology)", force->special_lj[1], force->special_lj[2], force->special_lj[3],
+                   force->special_coul[1], force->special_coul[2], force->special_coul[3]);
   choose_path();
   const bool ghosts = path_ == GHOST_SHELL;
   ghostneigh = ghosts ? 1 : 0;  // read by Neighbor::init(), which runs after this
@@ -377,6 +408,37 @@ double PairEquiforce::init_one(int i, int j) {
   return r_max_;
 }
 
+/* ----------------------------------------------------------------------
+   atoms closer than the model's documented minimum distance (metadata "min_distance", default
+   equiforce.units.MIN_DISTANCE = 0.5 A) stop the run: the model was never trained there and would
+   return a silently wrong number. Checked over the local atoms' neighbours (every pair once per
+   direction, before any path's communication).
+------------------------------------------------------------------------- */
+
+void PairEquiforce::check_min_distance() {
+  double **x = atom->x;
+  int *type = atom->type;
+  tagint *tag = atom->tag;
+  const int nlocal = atom->nlocal;
+  const double dmin2 = min_distance_ * min_distance_;
+  for (int ii = 0; ii < list->inum; ii++) {
+    const int i = list->ilist[ii];
+    if (i >= nlocal || map[type[i]] < 0) continue;
+    const int *jlist = list->firstneigh[i];
+    for (int jj = 0; jj < list->numneigh[i]; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (map[type[j]] < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      const double r2 = dx * dx + dy * dy + dz * dz;
+      if (r2 < dmin2)
+        error->one(FLERR, "pair equiforce: atoms {} and {} are {:.4g} A apart at step {}, closer than the model's "
+                          "minimum distance {} A (metadata 'min_distance'); the model is not valid there. Fix the "
+                          "structure (overlapping or duplicated atoms?) or shorten the timestep",
+                   tag[i], tag[j], std::sqrt(r2), update->ntimestep, min_distance_);
+    }
+  }
+}
+
 /* ---------------------------------------------------------------------- */
 
 void PairEquiforce::compute(int eflag, int vflag) {
@@ -386,6 +448,7 @@ void PairEquiforce::compute(int eflag, int vflag) {
                       "exchange path only; use 'pair_style equiforce path exchange' (needs a model file with "
                       "per-layer entry points; works on one MPI rank too)");
 
+  check_min_distance();
   if (path_ == EXCHANGE) {
     compute_exchange();
     return;

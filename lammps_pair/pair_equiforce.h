@@ -65,6 +65,7 @@ class PairEquiforce : public Pair {
   void share_threads(const torch::Device &device);
   void warn_blas(const torch::Device &device);
   void log_model(const char *file, const torch::Device &device);
+  void check_min_distance();  // error->one naming the two atoms closer than min_distance_
   // init_style() steps
   void choose_path();
   void log_path();
@@ -101,6 +102,7 @@ class PairEquiforce : public Pair {
   std::string device_request_ = "auto";
   std::vector<std::string> type_elements_;  // [ntypes+1], "NULL" for unmapped types
   double r_max_ = 0.0;
+  double min_distance_ = 0.5;  // Angstrom, metadata "min_distance" (equiforce.units.MIN_DISTANCE)
   double receptive_field_ = 0.0;
   int num_layers_ = 0;
   int local_rank_ = 0, local_size_ = 1;

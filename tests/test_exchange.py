@@ -99,7 +99,8 @@ def test_layer_by_layer_equals_forward(exported):
 
 
 def test_layer_rows_need_only_their_incoming_edges(exported):
-    """Rows < n_update of a layer are exact with only the edges into those atoms."""
+    """Rows < n_update of a layer are exact with only the edges into those atoms (the other rows
+    only send messages), fused and portable alike."""
     _, module, meta = exported
     pos, species, cell = periodic_structure(seed=4)
     idx, shift, _ = neighbor_list(pos, meta["r_max"], cell, torch.tensor([True] * 3))

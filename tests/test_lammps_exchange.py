@@ -155,11 +155,14 @@ def test_md_with_migration_equals_serial(cases, model_path, tmp_path):
     """200 NVE steps at 1500 K (reneighbouring, atoms changing owner): 2 and 4 ranks on the exchange
     path stay on the serial trajectory within 1e-8 Å."""
     s, data, _ = cases["bulk"]
+    tiny = str(tmp_path / "tiny.pt")  # 2 layers, lmax 1, 4 channels: the same code path, a quicker step
+    export_model(make_model(r_max=R_MAX, num_layers=2, lmax=1, channels=4).for_export(fused=True), tiny,
+                 dtype=F64, symmetry="O3")
     frames = {}
     for nprocs, grid, path in ((1, "", "images"), (2, "2 1 1", "exchange"), (4, "2 2 1", "exchange")):
         wd = tmp_path / f"np{nprocs}"
         wd.mkdir()
-        proc = run_lmp(deck(data, model_path, ELEMENTS, True, processors=grid, md_steps=200,
+        proc = run_lmp(deck(data, tiny, ELEMENTS, True, processors=grid, md_steps=200,
                             pair_style=f"pair_style equiforce device cpu path {path}"), str(wd), nprocs=nprocs,
                        timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -275,3 +278,84 @@ def test_bad_input_is_a_clear_lammps_error(cases, model_path, other_models, tmp_
     assert err, out[-2000:]
     assert re.search(pattern, err[0]), err[0]
     assert "Segmentation" not in out and "terminate called" not in out
+
+
+# ---- input checks on every path (issue 18) -------------------------------------------------------
+
+def _bonded_data(path, s):
+    """The 9-atom cluster as atom_style bond with a chain of 8 bonds (1-2, 2-3, ...)."""
+    lo, hi = 0.0, 30.0
+    n = len(s.symbols)
+    with open(path, "w") as f:
+        f.write(f"bonded cluster\n\n{n} atoms\n{n - 1} bonds\n2 atom types\n1 bond types\n\n")
+        f.write(f"{lo} {hi} xlo xhi\n{lo} {hi} ylo yhi\n{lo} {hi} zlo zhi\n\nMasses\n\n1 28.085\n2 12.011\n\n")
+        f.write("Atoms # bond\n\n")
+        for tag, sym, p in zip(s.tags, s.symbols, s.positions.tolist()):
+            f.write(f"{int(tag)} 1 {ELEMENTS.index(sym) + 1} {p[0]!r} {p[1]!r} {p[2]!r}\n")
+        f.write("\nBonds\n\n")
+        for k in range(n - 1):
+            f.write(f"{k + 1} 1 {int(s.tags[k])} {int(s.tags[k + 1])}\n")
+
+
+@pytest.mark.parametrize("weights", ["default", "one"])
+def test_special_bonds_must_keep_bonded_pairs(cases, model_path, tmp_path, weights):
+    """With bonds, LAMMPS' default special_bonds (lj/coul 0 0 0) removes bonded pairs from the
+    neighbour list: refused, naming the fix; with `special_bonds lj/coul 1 1 1` the run equals the
+    model on the same atoms without bonds (Python)."""
+    s, _, ref = cases["molecule"]
+    data = str(tmp_path / "bonded.data")
+    _bonded_data(data, s)
+    special = "special_bonds lj/coul 1 1 1\n" if weights == "one" else ""
+    text = (f"units metal\natom_style bond\nboundary f f f\n{special}read_data {data}\nbond_style zero\n"
+            f"bond_coeff 1 1.5\npair_style equiforce device cpu\npair_coeff * * {model_path} Si C\n"
+            "compute pea all pe/atom\ncompute vir all pressure NULL virial\ncompute prop all property/atom proc\n"
+            "dump d all custom 1 dump.out id type x y z fx fy fz c_pea c_prop\n"
+            "dump_modify d format float %.17g sort id\nrun 0\n"
+            'print "EQF_RESULT $(pe:%.17g) $(c_vir[1]:%.17g) $(c_vir[2]:%.17g) $(c_vir[3]:%.17g) '
+            '$(c_vir[4]:%.17g) $(c_vir[5]:%.17g) $(c_vir[6]:%.17g)"\n')
+    proc = run_lmp(text, str(tmp_path))
+    if weights == "one":
+        check(proc, s, ref, str(tmp_path / "dump.out"))
+        return
+    err = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR")]
+    assert proc.returncode != 0 and err, proc.stdout[-2000:]
+    assert re.search(r"needs every bonded pair in the neighbour list, but special_bonds weights are lj 0 0 0 .*"
+                     r"add 'special_bonds lj/coul 1 1 1'", err[0]), err[0]
+
+
+@pytest.mark.parametrize("path", ["images", "exchange", "gather"])
+def test_atoms_closer_than_min_distance_stop_the_run(model_path, tmp_path, path):
+    cell = lammps_cell(12.0, 12.0, 12.0)
+    pos = np.array([[3.0, 3.0, 3.0], [3.3, 3.0, 3.0], [6.0, 6.0, 6.0]])
+    s = Structure(pos, ["Si", "C", "Si"], cell, pbc=True, tags=np.array([1, 2, 3]))
+    data = str(tmp_path / "close.data")
+    write_data(data, s, ELEMENTS)
+    proc = run_lmp(deck(data, model_path, ELEMENTS, True, pair_style=f"pair_style equiforce device cpu path {path}"),
+                   str(tmp_path))
+    out = proc.stdout + proc.stderr
+    err = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert proc.returncode != 0 and err, out[-2000:]
+    assert re.search(r"atoms (1 and 2|2 and 1) are 0\.3 A apart at step 0, closer than the model's minimum distance 0\.5 A",
+                     err[0]), err[0]
+    assert "Segmentation" not in out
+
+
+def test_null_type_without_hybrid_is_a_clear_error(cases, model_path, tmp_path):
+    s, data, _ = cases["bulk"]
+    proc = run_lmp(deck(data, model_path, ["Si", "NULL"], True), str(tmp_path))
+    err = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR")]
+    assert proc.returncode != 0 and err
+    assert re.search(r"1 of 2 atom type\(s\) are NULL, but NULL .*needs another pair style .*use 'pair_style hybrid",
+                     err[0]), err[0]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+def test_exchange_on_cuda_matches_python(cases, model_path, tmp_path):
+    """`device cuda` on 2 ranks sharing the GPU: features on the GPU, exchanges staged through the
+    host; the same numbers as the CPU Python module (float64; the GPU runs the PyTorch path)."""
+    s, data, ref = cases["bulk"]
+    proc = run_lmp(deck(data, model_path, ELEMENTS, True, processors="2 1 1",
+                        pair_style="pair_style equiforce device cuda path exchange"), str(tmp_path), nprocs=2)
+    check(proc, s, ref, str(tmp_path / "dump.out"))
+    assert "on cuda" in proc.stdout

@@ -105,8 +105,8 @@ class LayerEntryPoints:
     @torch.jit.export
     def layer(self, k: int, x: Tensor, species: Tensor, edge_index: Tensor, edge_vec: Tensor,
               n_update: int) -> Tensor:
-        """Layer ``k``: features [N, d_k] -> [n_update, d_{k+1}] (rows exact for atoms whose every
-        incoming edge is given)."""
+        """Layer ``k``: features [N, d_k] -> [n_update, d_{k+1}] (every receiver edge_index[0] <
+        n_update; rows exact for atoms whose every incoming edge is given)."""
         return self.energy_model.layer_step(k, x, species, edge_index, edge_vec, n_update)
 
     @torch.jit.export

@@ -167,13 +167,16 @@ class InteractionLayer(nn.Module):
         self.fused_tp: Optional[FusedTensorProduct] = None
 
     def forward(self, x: Tensor, species: Tensor, edge_index: Tensor, sh: Tensor,
-                radial_basis: Tensor, envelope: Tensor, radial_index: Optional[Tensor] = None) -> Tensor:
+                radial_basis: Tensor, envelope: Tensor, radial_index: Optional[Tensor] = None,
+                n_out: int = -1) -> Tensor:
+        # n_out >= 0: only the first n_out atoms are updated ([n_out, dim_out]; every receiver
+        # edge_index[0] must be < n_out); the other rows only send messages (ghost atoms)
         # Feature blocks travel component-major ([rows, 2l+1, mul], see EdgeTensorProduct) from
         # linear_1 to linear_2. The tensor product is linear in the harmonics, so the envelope and
         # 1/sqrt(avg_num_neighbors) scale them ([E, sh_dim]) instead of every weight or message.
         # Blocks the TP merges (same l, see EdgeTensorProduct) are concatenated along channels per
         # atom, before the gather, and split back per atom after the scatter.
-        n = x.shape[0]
+        n = x.shape[0] if n_out < 0 else n_out
         hs = self.tp.merge_inputs(self.linear_1.forward_to_blocks(x))     # [N, d, mul] per gather set
         src, dst = edge_index[1], edge_index[0]
         sh = sh * (envelope * self.message_scale).unsqueeze(-1)
@@ -184,13 +187,17 @@ class InteractionLayer(nn.Module):
         if fused is not None and sh.device.type == "cpu":
             if radial_index is None:
                 radial_index = torch.arange(sh.shape[0], device=sh.device)
-            agg = fused(hs, sh, weight, radial_index, src, dst, n)        # [N, d3, mul] per merged path
+            agg = fused(hs, sh, weight, radial_index, src, dst, x.shape[0])  # [N, d3, mul] per merged path
+            if n_out >= 0:
+                agg = [a[:n_out] for a in agg]  # rows beyond n_out received nothing
         else:
             if radial_index is not None:
                 weight = weight.index_select(0, radial_index)
             xs = [hb.index_select(0, src) for hb in hs]                   # [E, d, mul] per gather set
             msgs = self.tp.forward_merged(xs, sh, weight)                 # [E, d3, mul] per merged path
             agg = [scatter_sum(m, dst, n) for m in msgs]                  # [N, d3, mul] per merged path
+        if n_out >= 0:
+            x, species = x[:n_out], species[:n_out]
         out = self.gate(self.linear_2.forward_from_blocks(self.tp.split_merged(agg))
                         + self.self_connection(x, species))
         if self.resnet:
@@ -331,17 +338,18 @@ class EquiforceModel(nn.Module):
 
     def layer_step(self, k: int, x: Tensor, species: Tensor, edge_index: Tensor, edge_vec: Tensor,
                    n_update: int) -> Tensor:
-        """Layer ``k`` on features ``x`` [N, d_k] -> [n_update, d_{k+1}]: rows ``< n_update`` of
-        the output, exact when every edge into those atoms (receivers ``edge_index[0]``) is given
-        with the neighbours' features in ``x``; edges into other atoms may be absent."""
+        """Layer ``k`` on features ``x`` [N, d_k] -> [n_update, d_{k+1}]: the first ``n_update``
+        atoms updated, exact when every edge into them is given with the neighbours' features in
+        ``x``. Every receiver ``edge_index[0]`` must be ``< n_update`` (rows beyond only send
+        messages: ghost atoms), so only the updated rows pay for the output transforms."""
+        if k < 0 or k >= self.num_layers:
+            raise RuntimeError("equiforce: layer index " + str(k) + " outside [0, " + str(self.num_layers) + ")")
         sh, basis, envelope, radial_index = self.edge_terms(species, edge_index, edge_vec)
         out = x
         for i, layer in enumerate(self.layers):
             if i == k:
-                out = layer(x, species, edge_index, sh, basis, envelope, radial_index)
-        if k < 0 or k >= self.num_layers:
-            raise RuntimeError("equiforce: layer index " + str(k) + " outside [0, " + str(self.num_layers) + ")")
-        return out[:n_update]
+                out = layer(x, species, edge_index, sh, basis, envelope, radial_index, n_update)
+        return out
 
     def readout_energy(self, x: Tensor, species: Tensor) -> Tensor:
         """Per-atom energies [N] (eV; scale, shift and isolated-atom reference included) from the
