@@ -48,7 +48,33 @@ void PairEquiforce::compute_exchange() {
   const int nall = nlocal + atom->nghost;
   const double cutsq_model = r_max_ * r_max_;
 
-  // compact rows: this style's local atoms (LAMMPS order), then its ghosts
+  // edges (local receiver i, neighbour j) within r_max, LAMMPS indices
+  std::vector<int64_t> src, dst;  // dst = receiver (edge_index[0]), src = neighbour (edge_index[1])
+  const int inum = list->inum;
+  int *ilist = list->ilist;
+  int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  dst.reserve(static_cast<size_t>(inum) * 48);
+  src.reserve(static_cast<size_t>(inum) * 48);
+  std::vector<char> used(nall - nlocal, 0);  // ghosts that neighbour a local atom
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    if (i >= nlocal || map[type[i]] < 0) continue;
+    const int *jlist = firstneigh[i];
+    for (int jj = 0; jj < numneigh[i]; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (map[type[j]] < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      dst.push_back(i);
+      src.push_back(j);
+      if (j >= nlocal) used[j - nlocal] = 1;
+    }
+  }
+  const int64_t ne = static_cast<int64_t>(dst.size());
+
+  // compact rows: this style's local atoms (LAMMPS order), then the ghosts within r_max of one
+  // (the others, in the skin, feed no message this step and are not evaluated)
   std::vector<int> compact(nall, -1), atoms;
   atoms.reserve(nall);
   for (int i = 0; i < nlocal; i++)
@@ -58,34 +84,15 @@ void PairEquiforce::compute_exchange() {
     }
   const int n_local = static_cast<int>(atoms.size());
   for (int i = nlocal; i < nall; i++)
-    if (map[type[i]] >= 0) {
+    if (used[i - nlocal]) {
       compact[i] = static_cast<int>(atoms.size());
       atoms.push_back(i);
     }
   const int n_rows = static_cast<int>(atoms.size());
-
-  // edges (local receiver i, neighbour j) within r_max, in compact rows
-  std::vector<int64_t> src, dst;  // dst = receiver (edge_index[0]), src = neighbour (edge_index[1])
-  const int inum = list->inum;
-  int *ilist = list->ilist;
-  int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
-  dst.reserve(static_cast<size_t>(inum) * 48);
-  src.reserve(static_cast<size_t>(inum) * 48);
-  for (int ii = 0; ii < inum; ii++) {
-    const int i = ilist[ii];
-    if (i >= nlocal || compact[i] < 0) continue;
-    const int *jlist = firstneigh[i];
-    for (int jj = 0; jj < numneigh[i]; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (compact[j] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      dst.push_back(compact[i]);
-      src.push_back(compact[j]);
-    }
+  for (int64_t e = 0; e < ne; e++) {
+    dst[e] = compact[dst[e]];
+    src[e] = compact[src[e]];
   }
-  const int64_t ne = static_cast<int64_t>(dst.size());
 
   auto pos = torch::empty({n_rows, 3}, torch::kFloat64);
   auto species = torch::empty({n_rows}, torch::kInt64);

@@ -37,6 +37,11 @@ head). A dipole model has one more method::
 (``total_charge`` in e, a float; all atoms given count). ``metadata["outputs"]`` lists what the file
 provides, ``metadata["methods"]`` the extra methods and their signatures.
 
+Files of conservative short-range EquiforceModels also carry per-layer entry points
+(:class:`LayerEntryPoints`: ``embed``, ``layer``, ``readout``; ``metadata["exchange"]`` true,
+``metadata["layer_dims"]``), which LAMMPS' ``path exchange`` steps layer by layer with ghost features
+refreshed between layers; the one-call ``forward`` is unchanged.
+
 Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.nn.electrostatics`) are exported by
 :class:`ExportedHeadsPotential` too. Their energy is not a sum of local terms: the module needs
 ALL atoms of the system, once each (``n_local == N``, no ghost atoms; a RuntimeError says so
