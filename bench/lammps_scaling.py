@@ -13,10 +13,11 @@ float32 and float64, one torch thread per rank (OMP_NUM_THREADS=1).
 * counted (no run): for P ranks on LAMMPS' processor grid (the factorisation with the least
   sub-domain surface), from the atom positions: local atoms per rank; per path the atoms a rank
   holds and the edges (pairs within r_max with a receiver the rank evaluates) it evaluates:
-  exchange = local receivers, rows = local + ghosts within r_max + skin; ghost shell = every atom
-  within num_layers * r_max + skin of the sub-domain (an upper bound of the num_layers-hop set);
-  gather = all atoms. Bytes exchanged per step (exchange path): (L-1) forward + (L-1) reverse
-  blocks of d_k float64 per ghost atom. Projected parallel efficiency = mean edges per rank /
+  exchange = local receivers, rows = local + ghosts within r_max of the sub-domain (the plugin
+  evaluates the ghosts within r_max of a local atom); ghost shell = every atom LAMMPS holds with
+  the ghost cutoff num_layers * r_max + skin (an upper bound of the num_layers-hop set);
+  gather = all atoms. Bytes exchanged per step (exchange path, the busiest rank): (L-1) forward +
+  (L-1) reverse blocks of d_k float64 per LAMMPS ghost atom (ghost cutoff r_max + skin). Projected parallel efficiency = mean edges per rank /
   max edges evaluated on a rank (per-edge work dominates a step: tensor product and radial MLP;
   communication and per-row transforms of ghost rows are not in it).
 
@@ -129,7 +130,7 @@ def counts(pos: np.ndarray, box: np.ndarray, p: int, layer_dims: List[int]) -> d
     cell = np.minimum(cell, grid - 1)
     rank = (cell[:, 0] * grid[1] + cell[:, 1]) * grid[2] + cell[:, 2]
 
-    def within(lo, width):
+    def within(lo, width, euclid=False):
         """atoms (periodic images counted) in the box [lo - width, lo + sub + width) (the region of
         LAMMPS' ghost atoms for a ghost cutoff `width`)"""
         d = (pos % box) - lo
@@ -141,21 +142,25 @@ def counts(pos: np.ndarray, box: np.ndarray, p: int, layer_dims: List[int]) -> d
             tot = 0
             for sh in itertools.product(*[range(-r, r + 1) for r in reps]):
                 q = (pos % box) + np.array(sh) * box - lo
-                dist = np.max(np.maximum(np.maximum(-q, q - sub), 0.0), axis=1)
+                o = np.maximum(np.maximum(-q, q - sub), 0.0)
+                dist = np.linalg.norm(o, axis=1) if euclid else np.max(o, axis=1)
                 tot += int(np.count_nonzero(dist < width))
             return tot, None
-        dist = np.max(out, axis=1)  # LAMMPS' ghost region: the sub-domain widened along each axis
+        # LAMMPS' ghost region: the sub-domain widened along each axis; euclid: atoms within
+        # `width` of the sub-domain (approximately: of one of its atoms)
+        dist = np.linalg.norm(out, axis=1) if euclid else np.max(out, axis=1)
         return int(np.count_nonzero(dist < width)), dist < width
 
     rows = {"exchange": [], "ghost_shell": [], "gather": []}
     edges = {"exchange": [], "ghost_shell": [], "gather": []}
-    local = []
+    local, held = [], []
     for r in range(p):
         c = np.array(np.unravel_index(r, grid))
         lo = c * sub
         mine = rank == r
         local.append(int(mine.sum()))
-        ex, _ = within(lo, R_MAX + SKIN)
+        ex, _ = within(lo, R_MAX, euclid=True)  # the plugin evaluates ghosts within r_max of a local atom
+        held.append(within(lo, R_MAX + SKIN)[0] - int(mine.sum()))  # LAMMPS' ghosts: what the comms move
         gs, mask = within(lo, LAYERS * R_MAX + SKIN)
         rows["exchange"].append(ex)
         edges["exchange"].append(int(nn[mine].sum()))
@@ -165,7 +170,7 @@ def counts(pos: np.ndarray, box: np.ndarray, p: int, layer_dims: List[int]) -> d
         edges["gather"].append(int(nn.sum()))
     local = np.array(local)
     total_edges = nn.sum()
-    ghosts_ex = np.array(rows["exchange"]) - local
+    ghosts_ex = np.array(held)
     per_ghost = 2 * sum(layer_dims[1:-1]) * 8  # (L-1) forward + (L-1) reverse, float64
     out = {"grid": [int(g) for g in grid], "local_mean": float(local.mean()), "local_max": int(local.max()),
            "bytes_exchanged_per_step_max": int(ghosts_ex.max() * per_ghost)}
