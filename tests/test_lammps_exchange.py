@@ -359,3 +359,17 @@ def test_exchange_on_cuda_matches_python(cases, model_path, tmp_path):
                         pair_style="pair_style equiforce device cuda path exchange"), str(tmp_path), nprocs=2)
     check(proc, s, ref, str(tmp_path / "dump.out"))
     assert "on cuda" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_comm_cutoff_below_the_need_is_raised_by_lammps(cases, model_path, tmp_path):
+    """`comm_modify cutoff 3` (below r_max + skin = 6 Å, what the exchange path needs) cannot take
+    effect: LAMMPS raises the ghost cutoff to the pair cutoff + skin itself and says so, and the run
+    stays exact (so the style needs no error of its own for it)."""
+    s, data, ref = cases["bulk"]
+    text = deck(data, model_path, ELEMENTS, True, processors="2 1 1",
+                pair_style="pair_style equiforce device cpu path exchange")
+    text = text.replace("read_data", "comm_modify cutoff 3.0\nread_data", 1)
+    proc = run_lmp(text, str(tmp_path), nprocs=2)
+    check(proc, s, ref, str(tmp_path / "dump.out"))
+    assert "Communication cutoff adjusted to 6" in proc.stdout + proc.stderr
