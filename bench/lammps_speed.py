@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--allow-big", action="store_true",
                     help="also run 4096 atoms float64 on several ranks (ghost shell: > 10 GB per rank)")
     ap.add_argument("--no-ghost-shell-serial", action="store_true",
-                    help="skip the 1-rank `ghost_shell yes` comparison")
+                    help="skip the 1-rank `path ghost_shell` comparison")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "lammps_speed.json"))
     ap.add_argument("--no-openmm", action="store_true", help="skip the OpenMM column")
     ap.add_argument("--openmm-worker", nargs=3, metavar=("MODEL", "N", "STEPS"), help=argparse.SUPPRESS)
@@ -209,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tune_malloc()  # the LAMMPS plugin tunes glibc malloc itself: compare like with like
 
     # steps per timed run (~5-30 s each on one busy core). The ghost-shell runs (2 ranks, or 1 rank
-    # with ghost_shell yes) evaluate the model on the local atoms plus every ghost atom within the
+    # with path ghost_shell) evaluate the model on the local atoms plus every ghost atom within the
     # receptive field + skin (17 Å here): thousands of atoms even for 64 local ones.
     if args.quick:
         steps = {64: 10, 512: 3, 4096: 1}

@@ -60,6 +60,8 @@ class Model {
   const torch::Device &device() const { return device_; }
   torch::Dtype dtype() const { return dtype_; }
   const std::string &path() const { return path_; }
+  // The loaded TorchScript module (for engines that call its other methods, e.g. LayerStepper).
+  torch::jit::Module &module() { return module_; }
   // Index of an element name in the model's species list, -1 if absent.
   int species_index(const std::string &name) const;
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 
+#include "equiforce_layers.h"
 #include "equiforce_model.h"
 
 namespace py = pybind11;
@@ -91,4 +92,47 @@ PYBIND11_MODULE(_runtime, m) {
           "Evaluate: pos [N,3] (Angstrom), species [N], edge_index [2,E], edge_shift [E,3] or None, "
           "cell [3,3] or None, n_local (default N) -> (energy eV, per_atom_energy [N] eV, "
           "forces [N,3] eV/Angstrom, virial [3,3] eV).");
+
+  // the layer-by-layer stepper of LAMMPS' `path exchange`, with ghosts that are copies of local rows
+  // (ghost_owner[g] = the local row of ghost n_local + g): the exchanges run inside this process
+  py::class_<equiforce::LayerStepper>(m, "LayerStepper")
+      .def(py::init([](equiforce::Model &mdl) { return std::make_unique<equiforce::LayerStepper>(mdl); }),
+           "model"_a, py::keep_alive<1, 2>(), "ModelError when the file has no per-layer entry points.")
+      .def_static("unsupported_reason", &equiforce::LayerStepper::unsupported_reason, "model"_a)
+      .def_property_readonly("layer_dims", &equiforce::LayerStepper::layer_dims)
+      .def_property_readonly("widest", &equiforce::LayerStepper::widest)
+      .def(
+          "compute",
+          [](equiforce::LayerStepper &st, const F64 &pos, const I64 &species, const I64 &edge_index, int64_t n_local,
+             const I64 &ghost_owner) {
+            torch::Tensor tpos = to_tensor(pos), tsp = to_tensor(species), tei = to_tensor(edge_index);
+            if (tei.dim() == 1 && tei.numel() == 0) tei = tei.reshape({2, 0});
+            std::vector<int64_t> owner(ghost_owner.data(), ghost_owner.data() + ghost_owner.size());
+            const int64_t n_all = tpos.size(0);
+            if (static_cast<int64_t>(owner.size()) != n_all - n_local)
+              throw equiforce::Error("ghost_owner must have one entry per ghost (n_all - n_local)");
+            for (auto o : owner)
+              if (o < 0 || o >= n_local) throw equiforce::Error("ghost_owner entries must be local rows");
+            int n_forward = 0, n_reverse = 0;
+            auto fwd = [&](int, double *rows, int w) {
+              ++n_forward;
+              for (int64_t g = 0; g < n_all - n_local; ++g)
+                std::copy(rows + owner[g] * w, rows + (owner[g] + 1) * w, rows + (n_local + g) * w);
+            };
+            auto rev = [&](int, double *rows, int w) {
+              ++n_reverse;
+              for (int64_t g = 0; g < n_all - n_local; ++g)
+                for (int c = 0; c < w; ++c) rows[owner[g] * w + c] += rows[(n_local + g) * w + c];
+            };
+            equiforce::LayerResult r;
+            {
+              py::gil_scoped_release release;
+              r = st.compute(tpos, tsp, tei, n_local, fwd, rev);
+            }
+            return py::make_tuple(r.energy, to_numpy(r.atom_energy), to_numpy(r.edge_grad), n_forward, n_reverse);
+          },
+          "pos"_a, "species"_a, "edge_index"_a, "n_local"_a, "ghost_owner"_a,
+          "Layer by layer with ghost rows refreshed from their owners: pos [n_all,3] (Angstrom), species "
+          "[n_all], edge_index [2,E] (receivers local), n_local, ghost_owner [n_all - n_local] -> (energy eV, "
+          "per_atom_energy [n_local] eV, dE/d edge_vec [E,3] eV/Angstrom, forward exchanges, reverse exchanges).");
 }

@@ -1,23 +1,30 @@
 // pair_style equiforce: runs an exported equiforce model (see cpp/equiforce_model.h) in LAMMPS.
 //
-//   pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|gather|ghost_shell]
+//   pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell]
 //   pair_coeff * * model.pt El1 El2 ...     (one element per atom type, NULL = not this style)
 //
-// Three exact evaluation paths (`path auto`: images on one rank; on several ranks gather for a
-// long-range model, and for a short-range one whichever evaluates fewer atoms per rank: ghost
-// shell when a sub-domain widened by receptive field + skin is smaller than the box, else gather;
-// `ghost_shell yes` is kept as `path ghost_shell`):
-//  * serial images (one MPI rank, the default there): every ghost atom is a periodic image of a
-//    local atom. The model sees only the local atoms; a neighbour-list edge (i, j) with j a ghost
-//    becomes (i, owner(j)) with the Cartesian shift x[j] - x[owner(j)], owner = the local atom with
-//    the same tag. The ghost cutoff stays r_max + skin, forces come back summed over images, the
-//    virial comes from the model. Cost: the model on N atoms, as in Python.
-//  * ghost shell (several ranks, or `path ghost_shell`): multi-layer message passing is made exact
-//    by widening the ghost shell to the model's receptive field (num_layers * r_max, plus the
-//    neighbour skin) and building neighbour lists for ghost atoms too: every rank evaluates the
-//    model on its local atoms plus all ghosts that can influence them, sums the energy of its local
-//    atoms only, and LAMMPS' reverse communication (newton on) adds the forces that land on ghost
-//    atoms to their owners.
+// Four exact evaluation paths, one file each (the Pair methods here hold settings, coeff,
+// init_style, init_one, compute and the shared run_model / tally):
+//  * images (path_images.cpp; `path auto` on one MPI rank): every ghost atom is a periodic image
+//    of a local atom. The model sees only the local atoms; a neighbour-list edge (i, j) with j a
+//    ghost becomes (i, owner(j)) with the Cartesian shift x[j] - x[owner(j)], owner = the local
+//    atom with the same tag. Ghost cutoff r_max + skin; the model on N atoms, as in Python.
+//  * exchange (path_exchange.cpp; `path auto` on several ranks for files with per-layer entry
+//    points, metadata "exchange": true): the model is stepped layer by layer
+//    (cpp/equiforce_layers.h) over the local atoms' edges (local receivers, local or ghost
+//    neighbours with their own coordinates); after each layer the ghost rows' features come from
+//    their owners by forward communication, and in the backward pass the ghost rows' feature
+//    gradients go back by reverse communication. Ghost cutoff stays r_max + skin, no ghost
+//    neighbour lists: every rank evaluates its local atoms plus one cutoff of ghosts. Per-atom
+//    virial (compute stress/atom, heat/flux) from the per-edge forces.
+//  * ghost shell (path_ghost_shell.cpp; `path auto` on several ranks for short-range files without
+//    per-layer entry points, when a widened sub-domain is smaller than the box): the ghost cutoff is
+//    widened to the receptive field (num_layers * r_max) + skin, ghosts get neighbour lists, every
+//    rank evaluates its local atoms plus every ghost within num_layers hops, sums the energy of its
+//    local atoms only; LAMMPS' reverse communication (newton on) adds ghost forces to the owners.
+//  * gather (path_gather.cpp; `path auto` on several ranks for long-range models): every rank
+//    gathers all atoms and their images-form edges and evaluates the whole system, keeping its own
+//    atoms' forces.
 #pragma once
 
 #include <memory>
@@ -26,7 +33,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "equiforce_model.h"  // equiforce::Model, equiforce::Result (libtorch)
+#include "equiforce_layers.h"  // equiforce::LayerStepper (libtorch)
+#include "equiforce_model.h"   // equiforce::Model, equiforce::Result (libtorch)
 #include "pair.h"
 
 namespace LAMMPS_NS {
@@ -40,12 +48,29 @@ class PairEquiforce : public Pair {
   void coeff(int, char **) override;
   void init_style() override;
   double init_one(int, int) override;
+  // exchange path: feature rows of the current layer (forward) and their gradients (reverse)
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
 
  protected:
   void allocate();
   void tune_malloc();
   static bool blas_overridden(std::string &torch_path);  // LAMMPS' BLAS shadows libtorch's MKL
-  // edges (i, j) in compact numbering for the atoms `atoms` (LAMMPS indices, locals first)
+  // coeff() steps
+  torch::Device pick_device();
+  void load_model(const char *file, const torch::Device &device);
+  void map_types(int ntypes, char **elements, const char *file);
+  void share_threads(const torch::Device &device);
+  void warn_blas(const torch::Device &device);
+  void log_model(const char *file, const torch::Device &device);
+  void check_min_distance();  // error->one naming the two atoms closer than min_distance_
+  // init_style() steps
+  void choose_path();
+  void log_path();
+
+  // images path (path_images.cpp): edges (i, j) in compact numbering for the local atoms
   void compute_images(std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                       int &n_local);
   int select_local(std::vector<int> &atoms, std::vector<int> &compact);
@@ -53,8 +78,14 @@ class PairEquiforce : public Pair {
   void image_edges(const std::vector<int> &compact, int row0, const std::unordered_map<tagint, int> &row_of_tag,
                    const double *row_x, std::vector<int64_t> &edges, std::vector<double> &shifts,
                    const std::string &missing);
+  // ghost-shell path (path_ghost_shell.cpp)
   void compute_ghost_shell(std::vector<int> &atoms, std::vector<int64_t> &edges, int &n_local);
+  // gather path (path_gather.cpp)
   void compute_gathered();
+  // exchange path (path_exchange.cpp)
+  void compute_exchange();
+  void init_exchange();
+
   void evaluate(const std::vector<int> &atoms, std::vector<int64_t> &edges, std::vector<double> &shifts,
                 int n_local);
   // the model on pos [N,3] / species [N] / edges (pairs) / shifts ([E*3] or empty); the box from domain
@@ -66,13 +97,16 @@ class PairEquiforce : public Pair {
                   const std::vector<double> &shifts, int n_local);
 
   std::unique_ptr<equiforce::Model> model_;
+  std::unique_ptr<equiforce::LayerStepper> stepper_;  // exchange path; null when the file lacks entry points
+  std::string exchange_unsupported_;                  // why there is no stepper (for error messages)
   std::string device_request_ = "auto";
   std::vector<std::string> type_elements_;  // [ntypes+1], "NULL" for unmapped types
   double r_max_ = 0.0;
+  double min_distance_ = 0.5;  // Angstrom, metadata "min_distance" (equiforce.units.MIN_DISTANCE)
   double receptive_field_ = 0.0;
   int num_layers_ = 0;
   int local_rank_ = 0, local_size_ = 1;
-  enum Path { AUTO, IMAGES, GATHER, GHOST_SHELL };
+  enum Path { AUTO, IMAGES, GATHER, GHOST_SHELL, EXCHANGE };
   Path path_request_ = AUTO;        // `path ...` keyword
   Path path_ = AUTO;                // the path of this run (set in init_style)
   bool long_range_ = false;         // the model sums electrostatics over every atom it is given
@@ -80,6 +114,9 @@ class PairEquiforce : public Pair {
   std::string auto_reason_;         // why `path auto` chose gather or ghost shell (for the log)
   std::string dump_path_;  // EQUIFORCE_DUMP_EDGES
   bool malloc_tuned_ = false;  // glibc mmap/trim thresholds raised (see tune_malloc)
+  // exchange path: the rows being communicated ([nall * xwidth_], host) and their width
+  double *xrows_ = nullptr;
+  int xwidth_ = 0;
 };
 
 }  // namespace LAMMPS_NS

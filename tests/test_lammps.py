@@ -107,10 +107,10 @@ def test_lmp_matches_python(cases, model_path, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["bulk", "small_cell", "triclinic"])
 def test_lmp_ghost_shell_path_on_one_rank_matches_python(cases, model_path, tmp_path, name):
-    """`ghost_shell yes` forces the multi-rank construction (ghost atoms within the receptive field
+    """`path ghost_shell` forces the multi-rank construction (ghost atoms within the receptive field
     as explicit atoms) on one rank: the same numbers as the serial-images path and Python."""
     s, data, ref = cases[name]
-    text = deck(data, model_path, ELEMENTS, s.pbc, pair_style="pair_style equiforce device cpu ghost_shell yes")
+    text = deck(data, model_path, ELEMENTS, s.pbc, pair_style="pair_style equiforce device cpu path ghost_shell")
     proc = run_lmp(text, str(tmp_path))
     _check_run(proc, s, ref, str(tmp_path / "dump.out"))
     assert "ghost-shell path (1 MPI rank(s), path ghost_shell): communication cutoff set to 14 A" in proc.stdout
@@ -378,7 +378,7 @@ run 0
 
 
 @pytest.mark.parametrize("case", ["unknown_element", "wrong_count", "missing", "corrupt", "future",
-                                  "newton_off", "units_real", "cuda", "ghost_shell_value", "path_value",
+                                  "newton_off", "units_real", "cuda", "legacy_ghost_shell", "path_value",
                                   "images_on_two_ranks"])
 def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_path, case):
     data = cases["molecule"][1]
@@ -392,10 +392,10 @@ def test_bad_input_is_a_clear_lammps_error(cases, model_path, bad_models, tmp_pa
         "newton_off": (_error_deck(data, good, pre="newton off"), r"requires newton pair on"),
         "units_real": (_error_deck(data, good, units="real"), r"requires 'units metal'.*'units real'"),
         "cuda": (_error_deck(data, good, style="pair_style equiforce device cuda:64"), r"no CUDA GPU|does not exist"),
-        "ghost_shell_value": (_error_deck(data, good, style="pair_style equiforce ghost_shell no"),
-                              r"'ghost_shell' needs a value: auto .* or yes"),
+        "legacy_ghost_shell": (_error_deck(data, good, style="pair_style equiforce ghost_shell yes"),
+                               r"unknown keyword 'ghost_shell' \(the old 'ghost_shell yes' is now 'path ghost_shell'\)"),
         "path_value": (_error_deck(data, good, style="pair_style equiforce path serial"),
-                       r"'path' needs a value: auto .*images, gather or ghost_shell"),
+                       r"unknown path 'serial'; 'path' needs a value: auto .*images, exchange, gather or ghost_shell"),
         "images_on_two_ranks": (_error_deck(data, good, style="pair_style equiforce path images"),
                                 r"'path images' works on one MPI rank only \(2 ranks here\)"),
     }

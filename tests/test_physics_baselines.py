@@ -139,7 +139,7 @@ def test_direct_force_model_runs_unchanged_in_lammps(tmp_path, ghost_shell):
     data = str(tmp_path / "bulk.data")
     write_data(data, s, ["C", "Si"])
     ref = python_reference(path, s)
-    style = "pair_style equiforce device cpu" + (" ghost_shell yes" if ghost_shell else "")
+    style = "pair_style equiforce device cpu" + (" path ghost_shell" if ghost_shell else "")
     proc = run_lmp(deck(data, path, ["C", "Si"], True, pair_style=style), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     energy, press6 = parse_result(proc.stdout)

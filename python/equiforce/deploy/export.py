@@ -37,6 +37,11 @@ head). A dipole model has one more method::
 (``total_charge`` in e, a float; all atoms given count). ``metadata["outputs"]`` lists what the file
 provides, ``metadata["methods"]`` the extra methods and their signatures.
 
+Files of conservative short-range EquiforceModels also carry per-layer entry points
+(:class:`LayerEntryPoints`: ``embed``, ``layer``, ``readout``; ``metadata["exchange"]`` true,
+``metadata["layer_dims"]``), which LAMMPS' ``path exchange`` steps layer by layer with ghost features
+refreshed between layers; the one-call ``forward`` is unchanged.
+
 Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.nn.electrostatics`) are exported by
 :class:`ExportedHeadsPotential` too. Their energy is not a sum of local terms: the module needs
 ALL atoms of the system, once each (``n_local == N``, no ghost atoms; a RuntimeError says so
@@ -98,6 +103,52 @@ METADATA_FILE = "equiforce_metadata.json"
 METADATA_ATTRIBUTE = "equiforce_metadata"
 
 
+def local_energy_forces(atom_energy: Tensor, edge_vec: Tensor, edge_index: Tensor,
+                        n_local: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The one code path of both exported forwards: energy of the first ``n_local`` atoms [],
+    forces ``-dE/dpos`` [N, 3] on every atom and virial ``-sum_e r_e (x) dE/dr_e`` [3, 3] from
+    per-atom energies [N] built on the leaf ``edge_vec`` [E, 3]."""
+    n = atom_energy.shape[0]
+    local = (torch.arange(n, device=atom_energy.device) < n_local).to(atom_energy.dtype)
+    energy = (atom_energy * local).sum()
+    grads = torch.autograd.grad([energy], [edge_vec], allow_unused=True)
+    edge_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=edge_vec.device)
+    forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, n, edge_graph, 1)
+    return energy, forces, virial[0]
+
+
+class LayerEntryPoints:
+    """Per-layer methods of an exported :class:`equiforce.model.network.EquiforceModel` (mixed into
+    the exported module; ``metadata["exchange"]`` is true): an engine that refreshes ghost atoms'
+    features between layers (LAMMPS ``path exchange``) steps the model with them::
+
+        x = module.embed(species)                                       # [N, d0]
+        x = module.layer(k, x, species, edge_index, edge_vec, n_update)   # [n_update, d_{k+1}], k = 0..L-1
+        e = module.readout(x, species)                                  # [N] eV per atom
+
+    ``edge_vec`` [E, 3] (Å) = r_j - r_i for the edges (receiver i = ``edge_index[0]``, neighbour j);
+    widths ``metadata["layer_dims"]`` = [d0, ..., dL]. Forces come from autograd through these
+    calls (the engine keeps each layer's input as a leaf). Chaining them over all atoms with every
+    edge reproduces ``forward`` exactly."""
+
+    @torch.jit.export
+    def embed(self, species: Tensor) -> Tensor:
+        """Input features of layer 0 [N, d0] for species [N]."""
+        return self.energy_model.embed_species(species)
+
+    @torch.jit.export
+    def layer(self, k: int, x: Tensor, species: Tensor, edge_index: Tensor, edge_vec: Tensor,
+              n_update: int) -> Tensor:
+        """Layer ``k``: features [N, d_k] -> [n_update, d_{k+1}] (every receiver edge_index[0] <
+        n_update; rows exact for atoms whose every incoming edge is given)."""
+        return self.energy_model.layer_step(k, x, species, edge_index, edge_vec, n_update)
+
+    @torch.jit.export
+    def readout(self, x: Tensor, species: Tensor) -> Tensor:
+        """Per-atom energies [N] (eV) from the last layer's features [N, d_L]."""
+        return self.energy_model.readout_energy(x, species)
+
+
 class ExportedPotential(nn.Module):
     """Wraps an energy model (see :mod:`equiforce.model.analytic` for the contract) with autograd forces."""
 
@@ -111,12 +162,12 @@ class ExportedPotential(nn.Module):
         edge_vec = edge_vectors(pos, edge_index, edge_shift).detach().requires_grad_(True)
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         atom_energy = self.energy_model(species, edge_index, edge_vec, batch, 1)
-        local = (torch.arange(n, device=pos.device) < n_local).to(atom_energy.dtype)
-        energy = (atom_energy * local).sum()
-        grads = torch.autograd.grad([energy], [edge_vec], allow_unused=True)
-        edge_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=pos.device)
-        forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, n, edge_graph, 1)
-        return energy.detach(), atom_energy.detach(), forces.detach(), virial[0].detach()
+        energy, forces, virial = local_energy_forces(atom_energy, edge_vec, edge_index, n_local)
+        return energy.detach(), atom_energy.detach(), forces.detach(), virial.detach()
+
+
+class ExportedLayeredPotential(LayerEntryPoints, ExportedPotential):
+    """:class:`ExportedPotential` of an EquiforceModel, with the per-layer entry points."""
 
 
 class ExportedHeadsPotential(nn.Module):
@@ -141,14 +192,11 @@ class ExportedHeadsPotential(nn.Module):
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
         out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos.detach(), None)
         atom_energy = out["per_atom_energy"]
-        local = (torch.arange(n, device=pos.device) < n_local).to(atom_energy.dtype)
-        energy = (atom_energy * local).sum()
-        grads = torch.autograd.grad([energy], [edge_vec], allow_unused=True)
-        edge_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=pos.device)
-        forces, virial = forces_virial_from_edge_grad(grads[0], edge_vec, edge_index, n, edge_graph, 1)
+        energy, forces, virial = local_energy_forces(atom_energy, edge_vec, edge_index, n_local)
         if self.direct_forces:
+            local = (torch.arange(n, device=pos.device) < n_local).to(atom_energy.dtype)
             forces = out["forces"] * local.unsqueeze(-1)
-        return energy.detach(), atom_energy.detach(), forces.detach(), virial[0].detach()
+        return energy.detach(), atom_energy.detach(), forces.detach(), virial.detach()
 
     def _long_range_forward(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
                             cell: Tensor, n_local: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -199,6 +247,27 @@ class ExportedHeadsPotential(nn.Module):
         return out["dipole"][0]
 
 
+class ExportedLayeredHeadsPotential(LayerEntryPoints, ExportedHeadsPotential):
+    """:class:`ExportedHeadsPotential` of a conservative short-range model with heads (a dipole
+    head), with the per-layer entry points."""
+
+
+def has_layer_entry_points(model: nn.Module) -> bool:
+    """True for a model exported with :class:`LayerEntryPoints`: an EquiforceModel whose energy is a
+    sum of local terms with conservative forces (not direct-force, not long-range)."""
+    return callable(getattr(model, "layer_step", None)) and not bool(getattr(model, "direct_forces", False)) \
+        and not bool(getattr(model, "has_long_range", False))
+
+
+def exported_wrapper(model: nn.Module, total_charge: float = 0.0) -> nn.Module:
+    """The exported module class for ``model`` (before scripting)."""
+    layered = has_layer_entry_points(model)
+    if has_heads(model):
+        cls = ExportedLayeredHeadsPotential if layered else ExportedHeadsPotential
+        return cls(model, total_charge)
+    return ExportedLayeredPotential(model) if layered else ExportedPotential(model)
+
+
 def has_heads(model: nn.Module) -> bool:
     """True for a model whose export needs :class:`ExportedHeadsPotential`."""
     return bool(getattr(model, "direct_forces", False)) or bool(getattr(model, "has_dipole", False)) \
@@ -232,7 +301,8 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
         meta["outputs"].append("dipole")
         meta["dipole_mode"] = str(energy_model.dipole_mode)
         meta["units"]["dipole"] = "e*Angstrom"
-        meta["methods"] = {"dipole": "(pos, species, edge_index, edge_shift, cell, total_charge: float) -> dipole[3]"}
+        meta.setdefault("methods", {})["dipole"] = \
+            "(pos, species, edge_index, edge_shift, cell, total_charge: float) -> dipole[3]"
     if bool(getattr(energy_model, "has_long_range", False)):
         from ..nn.electrostatics import K_E, ewald_parameters
         el = energy_model.electrostatics
@@ -249,6 +319,16 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
             "requires": "all atoms of the system once each (n_local == N, no ghosts) and the cell "
                         "(lattice rows in Angstrom; all zeros for open boundaries)",
         }
+    meta["exchange"] = has_layer_entry_points(energy_model)
+    if meta["exchange"]:
+        # per-layer entry points (LayerEntryPoints): LAMMPS `path exchange`
+        meta["layer_dims"] = list(energy_model.layer_dims())
+        meta.setdefault("methods", {}).update({
+            "embed": "(species[N]) -> x0[N, d0]",
+            "layer": "(k: int, x[N, d_k], species[N], edge_index[2, E], edge_vec[E, 3], n_update: int) "
+                     "-> x[n_update, d_{k+1}]",
+            "readout": "(x[N, d_L], species[N]) -> per_atom_energy[N]",
+        })
     fused = bool(getattr(energy_model, "fused_kernels", False))
     # compiled ops the file calls (on the CPU): whatever loads it must have libequiforce_ops.so loaded
     meta["custom_ops"] = ["equiforce::tp_scatter", "equiforce::radial_pairs"] if fused else []
@@ -343,8 +423,7 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
         raise ValueError(f"total_charge {total_charge} e: only a long-range model (model.long_range = 'ewald') "
                          "uses a total charge in its energy; export this model with total_charge 0")
     check_output_path(path)  # before the slow scripting: a bad -o fails at once
-    wrapper = ExportedHeadsPotential(energy_model, total_charge) if has_heads(energy_model) \
-        else ExportedPotential(energy_model)
+    wrapper = exported_wrapper(energy_model, total_charge)
     meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata, total_charge)
     meta["min_distance"] = float(MIN_DISTANCE)
     setattr(wrapper, METADATA_ATTRIBUTE, "")  # a str attribute of the scripted top-level module

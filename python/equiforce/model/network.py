@@ -42,7 +42,7 @@ are rotation-invariant (see :class:`equiforce.nn.heads.VectorHead`).
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -165,13 +165,16 @@ class InteractionLayer(nn.Module):
         self.fused_tp: Optional[FusedTensorProduct] = None
 
     def forward(self, x: Tensor, species: Tensor, edge_index: Tensor, sh: Tensor,
-                radial_basis: Tensor, envelope: Tensor, radial_index: Optional[Tensor] = None) -> Tensor:
+                radial_basis: Tensor, envelope: Tensor, radial_index: Optional[Tensor] = None,
+                n_out: int = -1) -> Tensor:
+        # n_out >= 0: only the first n_out atoms are updated ([n_out, dim_out]; every receiver
+        # edge_index[0] must be < n_out); the other rows only send messages (ghost atoms)
         # Feature blocks travel component-major ([rows, 2l+1, mul], see EdgeTensorProduct) from
         # linear_1 to linear_2. The tensor product is linear in the harmonics, so the envelope and
         # 1/sqrt(avg_num_neighbors) scale them ([E, sh_dim]) instead of every weight or message.
         # Blocks the TP merges (same l, see EdgeTensorProduct) are concatenated along channels per
         # atom, before the gather, and split back per atom after the scatter.
-        n = x.shape[0]
+        n = x.shape[0] if n_out < 0 else n_out
         hs = self.tp.merge_inputs(self.linear_1.forward_to_blocks(x))     # [N, d, mul] per gather set
         src, dst = edge_index[1], edge_index[0]
         sh = sh * (envelope * self.message_scale).unsqueeze(-1)
@@ -182,13 +185,17 @@ class InteractionLayer(nn.Module):
         if fused is not None and sh.device.type == "cpu":
             if radial_index is None:
                 radial_index = torch.arange(sh.shape[0], device=sh.device)
-            agg = fused(hs, sh, weight, radial_index, src, dst, n)        # [N, d3, mul] per merged path
+            agg = fused(hs, sh, weight, radial_index, src, dst, x.shape[0])  # [N, d3, mul] per merged path
+            if n_out >= 0:
+                agg = [a[:n_out] for a in agg]  # rows beyond n_out received nothing
         else:
             if radial_index is not None:
                 weight = weight.index_select(0, radial_index)
             xs = [hb.index_select(0, src) for hb in hs]                   # [E, d, mul] per gather set
             msgs = self.tp.forward_merged(xs, sh, weight)                 # [E, d3, mul] per merged path
             agg = [scatter_sum(m, dst, n) for m in msgs]                  # [N, d3, mul] per merged path
+        if n_out >= 0:
+            x, species = x[:n_out], species[:n_out]
         out = self.gate(self.linear_2.forward_from_blocks(self.tp.split_merged(agg))
                         + self.self_connection(x, species))
         if self.resnet:
@@ -289,6 +296,17 @@ class EquiforceModel(nn.Module):
     def features(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
         """Output of the last interaction layer [N, dim]: ``C`` scalars first (then ``C`` vectors
         when a vector head needs them)."""
+        sh, basis, envelope, radial_index = self.edge_terms(species, edge_index, edge_vec)
+        x = self.embedding(species).to(edge_vec.dtype)
+        for layer in self.layers:
+            x = layer(x, species, edge_index, sh, basis, envelope, radial_index)
+        return x
+
+    def edge_terms(self, species: Tensor, edge_index: Tensor,
+                   edge_vec: Tensor) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """What every layer reads from the edges: harmonics [E, sh_dim], radial basis [E or U,
+        num_bessel], envelope [E], and (fused kernels on the CPU) the row of the radial basis of
+        each edge [E] (None: one row per edge)."""
         r = safe_norm(edge_vec)
         sh = spherical_harmonics(self.lmax, safe_normalize(edge_vec, r))
         envelope = polynomial_cutoff(r, self.r_max, self.cutoff_p)
@@ -303,10 +321,39 @@ class EquiforceModel(nn.Module):
             basis = self.basis(r.index_select(0, reps))
         else:
             basis = self.basis(r)
-        x = self.embedding(species).to(edge_vec.dtype)
-        for layer in self.layers:
-            x = layer(x, species, edge_index, sh, basis, envelope, radial_index)
-        return x
+        return sh, basis, envelope, radial_index
+
+    # ---- per-layer entry points (an engine that exchanges features between layers, e.g. LAMMPS'
+    # `path exchange`); features() == layer_step(L-1, ... layer_step(0, embed_species(species)))
+
+    def layer_dims(self) -> List[int]:
+        """Feature width before each layer and after the last: [d0, d1, ..., dL]."""
+        return [int(self.channels)] + [int(layer.irreps_out.dim) for layer in self.layers]
+
+    def embed_species(self, species: Tensor) -> Tensor:
+        """Input features of the first layer [N, d0] (no dependence on positions)."""
+        return self.embedding(species)
+
+    def layer_step(self, k: int, x: Tensor, species: Tensor, edge_index: Tensor, edge_vec: Tensor,
+                   n_update: int) -> Tensor:
+        """Layer ``k`` on features ``x`` [N, d_k] -> [n_update, d_{k+1}]: the first ``n_update``
+        atoms updated, exact when every edge into them is given with the neighbours' features in
+        ``x``. Every receiver ``edge_index[0]`` must be ``< n_update`` (rows beyond only send
+        messages: ghost atoms), so only the updated rows pay for the output transforms."""
+        if k < 0 or k >= self.num_layers:
+            raise RuntimeError("equiforce: layer index " + str(k) + " outside [0, " + str(self.num_layers) + ")")
+        sh, basis, envelope, radial_index = self.edge_terms(species, edge_index, edge_vec)
+        out = x
+        for i, layer in enumerate(self.layers):
+            if i == k:
+                out = layer(x, species, edge_index, sh, basis, envelope, radial_index, n_update)
+        return out
+
+    def readout_energy(self, x: Tensor, species: Tensor) -> Tensor:
+        """Per-atom energies [N] (eV; scale, shift and isolated-atom reference included) from the
+        last layer's features ``x`` [N, d_L]."""
+        raw = self.readout(x[:, :self.channels]).squeeze(-1)
+        return self._atom_energy(raw, species, x)
 
     def raw_energy(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
         """Network output per atom before scale, shift and isolated-atom reference [N]."""
