@@ -302,42 +302,48 @@ def _vesin_max_visits() -> int:
     return 729
 
 
-@torch.jit.unused
-def _vesin_box(pos: Tensor, cutoff: float, frame: Tensor, pbc: Tensor):
-    """The fully periodic box handed to vesin, or ``None`` where vesin 0.6.2 must not be used.
+def _vesin_box(pos: Tensor, cutoff: float, frame: Tensor, pbc: Tensor) -> Optional[Tensor]:
+    """The fully periodic box [3, 3] (float64) to hand vesin, or ``None`` where vesin 0.6.2 must not
+    be used. TorchScript-able (the OpenMM module uses it in front of ``vesin.torch``).
 
     vesin is only ever called with ``periodic=True``: a non-periodic direction gets the frame's unit
     complement vector scaled to ``L = extent + cutoff + 1 Å`` (extent of the atoms along it). The
     complement is orthogonal to the periodic rows, so an image along it is at least
-    ``L - extent > cutoff`` away and never a candidate. Measured reasons (vesin 0.6.2): with mixed
-    periodicity vesin searches every cell along the non-periodic directions (seconds for 4 atoms
-    300 Å apart in a slab, minutes at 1000 Å); and when it caps its cells at 1e5 for a very
-    anisotropic box a cell count truncates to 0 and the process dies of SIGFPE (4 atoms 1e5 Å apart
-    in a plane). The same cell counts are computed here, and ``None`` (use the cell list) is returned
-    when a count would truncate to 0, an atom would visit more than ``_vesin_max_visits()`` cells, or
-    fractional coordinates are too large for vesin's int32 cell indices."""
-    box = frame.clone()
-    proj = pos.detach().to(torch.float64) @ frame.transpose(0, 1)  # [N, 3] components along the frame rows
+    ``L - extent > cutoff`` away and never a pair (callers still drop any non-zero shift there).
+    Measured reasons (vesin 0.6.2): with mixed periodicity vesin searches every cell along the
+    non-periodic directions (0.55 s for 4 atoms 300 Å apart in a wire, 107 s at 1000 Å); and when it
+    caps its cells at 1e5 for a very anisotropic box a cell count truncates to 0 and the process
+    dies of SIGFPE (4 atoms 1e5 Å apart in a plane). The same cell counts are computed here, and
+    ``None`` (use the cell list) is returned when a count would truncate to 0, an atom would visit
+    more than ``_vesin_max_visits()`` cells, or fractional coordinates are too large for vesin's
+    int32 cell indices. ``frame``: rows of the cell on periodic directions, unit complement vectors
+    elsewhere (``_complement_frame``); ``pos`` [N, 3] Å, N > 0."""
+    box = frame.to(torch.float64).clone()
+    pos64 = pos.detach().to(torch.float64)
+    proj = pos64 @ box.transpose(0, 1)  # [N, 3] components along the (unit) non-periodic rows
     for k in range(3):
-        if not bool(pbc[k]):  # frame row k is a unit vector here
+        if not bool(pbc[k]):
             extent = float(proj[:, k].max() - proj[:, k].min())
-            box[k] = frame[k] * (extent + cutoff + 1.0)
+            box[k] = box[k] * (extent + cutoff + 1.0)
     dual = torch.linalg.inv(box)  # columns: dual vectors
-    faces = (1.0 / torch.linalg.norm(dual, dim=0)).tolist()  # plane spacings (Å)
-    frac = pos.detach().to(torch.float64) @ dual
+    faces = 1.0 / torch.linalg.norm(dual, dim=0)  # plane spacings (Å)
+    frac = pos64 @ dual
     if not bool((frac.abs() < 1e6).all()):
         return None
-    cells = [max(1.0, math.trunc(d / cutoff)) for d in faces]
+    cells: List[float] = []
+    for k in range(3):
+        cells.append(max(1.0, float(int(float(faces[k]) / cutoff))))
     if cells[0] * cells[1] * cells[2] > _vesin_max_cells():  # vesin's reduction, replayed
-        ratio_xy, ratio_yz = cells[0] / cells[1], cells[1] / cells[2]
-        cells[2] = math.trunc((_vesin_max_cells() / (ratio_xy * ratio_yz * ratio_yz)) ** (1.0 / 3.0))
-        cells[1] = math.trunc(ratio_yz * cells[2])
-        cells[0] = math.trunc(ratio_xy * cells[1])
-        if min(cells) < 1:
+        ratio_xy = cells[0] / cells[1]
+        ratio_yz = cells[1] / cells[2]
+        cells[2] = float(int((_vesin_max_cells() / (ratio_xy * ratio_yz * ratio_yz)) ** (1.0 / 3.0)))
+        cells[1] = float(int(ratio_yz * cells[2]))
+        cells[0] = float(int(ratio_xy * cells[1]))
+        if min(cells) < 1.0:
             return None
     visits = 1
     for k in range(3):
-        visits *= 2 * max(1, math.ceil(cutoff * cells[k] / faces[k])) + 1
+        visits *= 2 * max(1, int(math.ceil(cutoff * cells[k] / float(faces[k])))) + 1
     if visits > _vesin_max_visits():
         return None
     return box
