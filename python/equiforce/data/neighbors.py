@@ -377,16 +377,18 @@ def _vesin_candidates(pos: Tensor, r_max: float, frame: Tensor,
 
 def _exact_pairs(pos: Tensor, r_max: float, cell: Tensor, i: Tensor, j: Tensor,
                  shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """The exact test on candidate pairs, in the dtype of ``pos`` (``cell`` already in that dtype),
-    then the sort; returns ``(edge_index, edge_shift, cell_shift)`` as :func:`neighbor_list`."""
+    """Sort the candidate pairs, then the exact test in the dtype of ``pos`` (``cell`` already in
+    that dtype); returns ``(edge_index, edge_shift, cell_shift)`` as :func:`neighbor_list`. Sorting
+    first lets the geometry be gathered in edge order (about 2x faster at 1.4M candidates than
+    permuting the results); the kept edges and their order are the same either way."""
     n = pos.shape[0]
     dtype = pos.dtype
+    perm = _sort_edges(i, j, shift, n)
+    i, j, shift = i.index_select(0, perm), j.index_select(0, perm), shift.index_select(0, perm)
     edge_shift = shift.to(dtype) @ cell
     vec = pos.index_select(0, j) - pos.index_select(0, i) + edge_shift
     keep = ((vec * vec).sum(1) < r_max * r_max) & ((i != j) | (shift != 0).any(dim=1))
     if not bool(keep.all()):
         idx = torch.nonzero(keep).reshape(-1)
         i, j, shift, edge_shift = i[idx], j[idx], shift[idx], edge_shift[idx]
-    perm = _sort_edges(i, j, shift, n)
-    edge_index = torch.stack([i.index_select(0, perm), j.index_select(0, perm)], dim=0)
-    return edge_index, edge_shift.index_select(0, perm), shift.index_select(0, perm)
+    return torch.stack([i, j], dim=0), edge_shift, shift
