@@ -7,8 +7,9 @@ convention of :mod:`equiforce.model.forces`::
 
 * Called from Python (ASE calculator, ``equiforce eval``, the training data pipeline, the runner),
   the candidate pairs come from `vesin <https://github.com/Luthaf/vesin>`_ (``vesin.NeighborList``,
-  C++; per-axis periodicity, triclinic cells and cells thinner than the cutoff). It is about 20x
-  faster than the cell list below (bench/neighbors.py; README "Dependencies").
+  C++; per-axis periodicity, triclinic cells and cells thinner than the cutoff). vesin alone is
+  16-30x faster than the cell list below, ``neighbor_list`` with its exact test and sort 5-8x
+  (bench/neighbors.py; README "Dependencies").
 * Inside TorchScript (``torch.jit.script``: the OpenMM module, long-range real space), and for
   tensors that are not on the CPU, the pure-torch cell list below runs instead.
 
@@ -146,12 +147,16 @@ def _sort_edges(i: Tensor, j: Tensor, s: Tensor, n: int) -> Tensor:
     whenever it fits in 62 bits (always, except huge systems with huge image ranges)."""
     if i.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=i.device)
-    smin = s.min(0)[0]
-    rng = s.max(0)[0] - smin + 1
-    skey = ((s[:, 0] - smin[0]) * rng[1] + (s[:, 1] - smin[1])) * rng[2] + (s[:, 2] - smin[2])
-    span = float(rng[0]) * float(rng[1]) * float(rng[2])
-    if span * float(n) * float(n) < 4.0e18:
-        return torch.sort((i * n + j) * int(span) + skey)[1]
+    cols = s.transpose(0, 1).contiguous()  # [3, E]: contiguous rows for the key arithmetic
+    smin = cols.min(1)[0]
+    rng = cols.max(1)[0] - smin + 1
+    lo: List[int] = smin.tolist()
+    span_xyz: List[int] = rng.tolist()
+    skey = ((cols[0] - lo[0]) * span_xyz[1] + (cols[1] - lo[1])) * span_xyz[2] + (cols[2] - lo[2])
+    span = span_xyz[0] * span_xyz[1] * span_xyz[2]
+    if float(span) * float(n) * float(n) < 4.0e18:
+        key = (i * n + j) * span + skey
+        return torch.sort(key, stable=True)[1]  # stable: radix sort, about 2x faster
     perm = torch.sort(skey, stable=True)[1]
     pair_key = (i * n + j).index_select(0, perm)
     perm2 = torch.sort(pair_key, stable=True)[1]
@@ -387,7 +392,11 @@ def _exact_pairs(pos: Tensor, r_max: float, cell: Tensor, i: Tensor, j: Tensor,
     i, j, shift = i.index_select(0, perm), j.index_select(0, perm), shift.index_select(0, perm)
     edge_shift = shift.to(dtype) @ cell
     vec = pos.index_select(0, j) - pos.index_select(0, i) + edge_shift
-    keep = ((vec * vec).sum(1) < r_max * r_max) & ((i != j) | (shift != 0).any(dim=1))
+    keep = (vec * vec).sum(1) < r_max * r_max
+    self_pairs = torch.nonzero(i == j).reshape(-1)  # an atom with itself: only at a non-zero shift
+    if self_pairs.numel() > 0:
+        at_origin = (shift.index_select(0, self_pairs) == 0).all(dim=1)
+        keep[self_pairs[at_origin]] = False
     if not bool(keep.all()):
         idx = torch.nonzero(keep).reshape(-1)
         i, j, shift, edge_shift = i[idx], j[idx], shift[idx], edge_shift[idx]
