@@ -173,11 +173,24 @@ def test_bad_edge_index(model_files):
 
 # ---- metadata read by nlohmann/json: every bad or missing key named --------------------------------
 
+class _Plain(torch.nn.Module):
+    """An exported module wrapped with no top-level ``equiforce_metadata`` attribute (a file as
+    exported before the tamper check), whether or not export_model sets one on the inner module."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pos: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor, edge_shift: torch.Tensor,
+                cell: torch.Tensor, n_local: int):
+        return self.inner(pos, species, edge_index, edge_shift, cell, n_local)
+
+
 def _resave(model_files, tmp_path, name, text):
-    """The float64 model saved again with ``text`` as its metadata extra file."""
+    """The float64 model, without the tamper-check attribute, saved with ``text`` as its metadata."""
     module, _ = load_exported(model_files["f64"])
     p = str(tmp_path / name)
-    torch.jit.save(module, p, _extra_files={METADATA_FILE: text})
+    torch.jit.save(torch.jit.script(_Plain(module)), p, _extra_files={METADATA_FILE: text})
     return p
 
 
@@ -286,10 +299,14 @@ def test_metadata_whitespace_change_is_refused(model_files, tmp_path):
 
 def test_file_without_attribute_still_loads(model_files, tmp_path):
     """Files exported before the check (no top-level ``equiforce_metadata``) load unchecked."""
-    module, meta = load_exported(model_files["f64"])
+    _, meta = load_exported(model_files["f64"])
     p = _resave(model_files, tmp_path, "old.pt", json.dumps(meta, indent=2))
-    assert not torch.jit.load(p)._c.hasattr("equiforce_metadata") or torch.jit.load(p).equiforce_metadata
-    assert _runtime.Model(p).metadata["species"] == ["H", "C", "O"]
+    assert not torch.jit.load(p)._c.hasattr("equiforce_metadata")
+    rt = _runtime.Model(p)
+    assert rt.metadata["species"] == ["H", "C", "O"]
+    pos, species, ei, shift, cell = periodic_structure()
+    ref = _runtime.Model(model_files["f64"]).compute(pos, species, ei, shift, cell)
+    assert rt.compute(pos, species, ei, shift, cell)[0] == ref[0]
 
 
 # ---- float32 far from the origin ---------------------------------------------------------------------
