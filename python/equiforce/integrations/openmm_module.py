@@ -24,14 +24,14 @@ model's dtype (float32 or float64, from the file's metadata), and energy and for
 to the dtype OpenMM passed on return.
 
 Neighbours: a Verlet list on top of vesin's TorchScript build (``vesin.torch.NeighborList``, O(N),
-periodic and triclinic boxes, boxes thinner than the cutoff; 16x faster than the pure-torch cell
+periodic and triclinic boxes, boxes thinner than the cutoff; 16-20x faster than the pure-torch cell
 list of :mod:`equiforce.data.neighbors` at 4096 atoms, bench/neighbors.py). That cell list still
 runs for the geometries where vesin 0.6.2 must not be called (``neighbors._vesin_box``). A module
 holding vesin needs ``import vesin.torch`` (done by importing this module) in the process that
-loads it, as the compiled equiforce ops need theirs. Candidate pairs within ``r_max + skin`` are kept in module buffers and reused until an atom has moved ``skin / 2`` since
-the last search or the box vectors change; on every call exactly the pairs with ``|r| < r_max``
-are passed to the model (the contract of :mod:`equiforce.deploy.export`), so results do not depend on
-the skin.
+loads it, as the compiled equiforce ops need theirs. Candidate pairs within ``r_max + skin`` are
+kept in module buffers and reused until an atom has moved ``skin / 2`` since the last search or the
+box vectors change; on every call exactly the pairs with ``|r| < r_max`` are passed to the model
+(the contract of :mod:`equiforce.deploy.export`), so results do not depend on the skin.
 """
 import json
 from typing import Any, Dict, List, Optional, Tuple
@@ -40,7 +40,8 @@ import torch
 import vesin.torch
 from torch import Tensor, nn
 
-from ..data.neighbors import _vesin_box, neighbor_list
+from ..data.neighbors import _vesin_box  # vesin's box, or None where vesin 0.6.2 must not run
+from ..data.neighbors import neighbor_list
 from ..units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
 
