@@ -1,13 +1,11 @@
 // equiforce C++ runtime, see equiforce_model.h.
 #include "equiforce_model.h"
 
-#include <cctype>
 #include <cmath>
 #include <fstream>
-#include <map>
 #include <memory>
-#include <sstream>
 
+#include <nlohmann/json.hpp>  // cpp/third_party/nlohmann (MIT, see LICENSE.MIT there)
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
 
@@ -15,162 +13,20 @@ namespace equiforce {
 
 namespace {
 
-// ---- a tiny JSON reader (objects, arrays, strings, numbers, true/false/null) -------------------
+using Json = nlohmann::json;
 
-struct JsonValue {
-  enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
-  bool b = false;
-  double num = 0.0;
-  std::string str;
-  std::vector<JsonValue> arr;
-  std::map<std::string, JsonValue> obj;
-};
-
-class JsonReader {
- public:
-  explicit JsonReader(const std::string &text) : s_(text) {}
-
-  JsonValue parse() {
-    JsonValue v = value();
-    skip();
-    if (i_ != s_.size()) fail("trailing characters");
-    return v;
-  }
-
- private:
-  const std::string &s_;
-  size_t i_ = 0;
-
-  [[noreturn]] void fail(const std::string &what) const {
-    throw Error("invalid JSON at character " + std::to_string(i_) + ": " + what);
-  }
-  void skip() {
-    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
-  }
-  char peek() {
-    skip();
-    if (i_ >= s_.size()) fail("unexpected end");
-    return s_[i_];
-  }
-  void expect(char c) {
-    if (peek() != c) fail(std::string("expected '") + c + "'");
-    ++i_;
-  }
-  bool literal(const char *word) {
-    size_t n = std::char_traits<char>::length(word);
-    if (s_.compare(i_, n, word) == 0) {
-      i_ += n;
-      return true;
-    }
-    return false;
-  }
-
-  JsonValue value() {
-    JsonValue v;
-    char c = peek();
-    if (c == '{') {
-      v.kind = JsonValue::Object;
-      ++i_;
-      if (peek() == '}') {
-        ++i_;
-        return v;
-      }
-      while (true) {
-        if (peek() != '"') fail("expected a key string");
-        std::string key = string();
-        expect(':');
-        v.obj[key] = value();
-        if (peek() == ',') {
-          ++i_;
-          continue;
-        }
-        expect('}');
-        return v;
-      }
-    }
-    if (c == '[') {
-      v.kind = JsonValue::Array;
-      ++i_;
-      if (peek() == ']') {
-        ++i_;
-        return v;
-      }
-      while (true) {
-        v.arr.push_back(value());
-        if (peek() == ',') {
-          ++i_;
-          continue;
-        }
-        expect(']');
-        return v;
-      }
-    }
-    if (c == '"') {
-      v.kind = JsonValue::String;
-      v.str = string();
-      return v;
-    }
-    if (literal("true")) {
-      v.kind = JsonValue::Bool;
-      v.b = true;
-      return v;
-    }
-    if (literal("false")) {
-      v.kind = JsonValue::Bool;
-      return v;
-    }
-    if (literal("null")) return v;
-    // number
-    const char *start = s_.c_str() + i_;
-    char *end = nullptr;
-    v.num = std::strtod(start, &end);
-    if (end == start) fail("unexpected character");
-    v.kind = JsonValue::Number;
-    i_ += static_cast<size_t>(end - start);
-    return v;
-  }
-
-  std::string string() {
-    expect('"');
-    std::string out;
-    while (true) {
-      if (i_ >= s_.size()) fail("unterminated string");
-      char c = s_[i_++];
-      if (c == '"') return out;
-      if (c != '\\') {
-        out.push_back(c);
-        continue;
-      }
-      if (i_ >= s_.size()) fail("unterminated escape");
-      char e = s_[i_++];
-      switch (e) {
-        case 'n': out.push_back('\n'); break;
-        case 't': out.push_back('\t'); break;
-        case 'r': out.push_back('\r'); break;
-        case 'b': out.push_back('\b'); break;
-        case 'f': out.push_back('\f'); break;
-        case 'u': {  // keep ASCII, replace others (not needed for the keys read here)
-          if (i_ + 4 > s_.size()) fail("bad \\u escape");
-          unsigned code = std::stoul(s_.substr(i_, 4), nullptr, 16);
-          i_ += 4;
-          out.push_back(code < 128 ? static_cast<char>(code) : '?');
-          break;
-        }
-        default: out.push_back(e);  // \" \\ \/
-      }
-    }
-  }
-};
-
-const JsonValue &require(const JsonValue &root, const std::string &key, JsonValue::Kind kind,
-                         const std::string &path) {
-  auto it = root.obj.find(key);
-  if (it == root.obj.end())
+// The value of `key` in the metadata object, which must be of the kind `is_kind` tests for
+// (`kind` names it in the message). Throws Error naming the key and the fix.
+const Json &require(const Json &root, const std::string &key, bool (Json::*is_kind)() const noexcept,
+                    const char *kind, const std::string &path) {
+  auto it = root.find(key);
+  if (it == root.end())
     throw Error("model file '" + path + "': metadata has no '" + key +
                 "'; re-export the model with `equiforce export`");
-  if (it->second.kind != kind)
-    throw Error("model file '" + path + "': metadata key '" + key + "' has the wrong type");
-  return it->second;
+  if (!((*it).*is_kind)())
+    throw Error("model file '" + path + "': metadata key '" + key + "' has the wrong type (expected " + kind +
+                ", got " + it->type_name() + "); re-export the model with `equiforce export`");
+  return *it;
 }
 
 std::string first_line(const std::string &s) {
@@ -195,31 +51,33 @@ void check_tensor(const torch::Tensor &t, const char *name, int64_t dim0, int64_
 // ---- metadata -----------------------------------------------------------------------------------
 
 Metadata parse_metadata(const std::string &json, const std::string &path) {
-  JsonValue root;
+  Json root;
   try {
-    root = JsonReader(json).parse();
-  } catch (const Error &e) {
-    throw Error("model file '" + path + "': metadata is not valid JSON (" + e.what() + ")");
+    root = Json::parse(json);
+  } catch (const Json::parse_error &e) {
+    throw Error("model file '" + path + "': metadata is not valid JSON (" + e.what() +
+                "); re-export the model with `equiforce export`");
   }
-  if (root.kind != JsonValue::Object) throw Error("model file '" + path + "': metadata is not a JSON object");
+  if (!root.is_object()) throw Error("model file '" + path + "': metadata is not a JSON object");
   Metadata m;
   m.json = json;
-  m.format_version = static_cast<int>(require(root, "format_version", JsonValue::Number, path).num);
+  m.format_version = static_cast<int>(
+      require(root, "format_version", &Json::is_number, "a number", path).get<double>());
   if (m.format_version != kFormatVersion)
     throw Error("model file '" + path + "' has format_version " + std::to_string(m.format_version) +
                 ", this equiforce runtime reads format_version " + std::to_string(kFormatVersion) +
                 "; re-export the model with the equiforce version installed here (`equiforce export`)");
-  for (const auto &v : require(root, "species", JsonValue::Array, path).arr) {
-    if (v.kind != JsonValue::String) throw Error("model file '" + path + "': metadata species must be strings");
-    m.species.push_back(v.str);
+  for (const auto &v : require(root, "species", &Json::is_array, "a list of element names", path)) {
+    if (!v.is_string()) throw Error("model file '" + path + "': metadata species must be strings");
+    m.species.push_back(v.get<std::string>());
   }
   if (m.species.empty()) throw Error("model file '" + path + "': metadata lists no species");
-  m.r_max = require(root, "r_max", JsonValue::Number, path).num;
-  m.num_layers = static_cast<int>(require(root, "num_layers", JsonValue::Number, path).num);
-  m.receptive_field = require(root, "receptive_field", JsonValue::Number, path).num;
-  m.dtype = require(root, "dtype", JsonValue::String, path).str;
-  auto lr = root.obj.find("long_range");
-  m.long_range = lr != root.obj.end() && lr->second.kind == JsonValue::Object;
+  m.r_max = require(root, "r_max", &Json::is_number, "a number", path).get<double>();
+  m.num_layers = static_cast<int>(require(root, "num_layers", &Json::is_number, "a number", path).get<double>());
+  m.receptive_field = require(root, "receptive_field", &Json::is_number, "a number", path).get<double>();
+  m.dtype = require(root, "dtype", &Json::is_string, "a string", path).get<std::string>();
+  auto lr = root.find("long_range");
+  m.long_range = lr != root.end() && lr->is_object();
   if (!(m.r_max > 0.0) || m.num_layers < 1 || m.receptive_field < m.r_max)
     throw Error("model file '" + path + "': inconsistent metadata (r_max " + std::to_string(m.r_max) +
                 ", num_layers " + std::to_string(m.num_layers) + ", receptive_field " +
@@ -280,8 +138,18 @@ Model::Model(const std::string &path, const torch::Device &device) : path_(path)
     throw Error("model file '" + path + "' is a TorchScript file but not an equiforce export (no " +
                 std::string(kMetadataFile) + "); export it with `equiforce export`");
   meta_ = parse_metadata(extra[kMetadataFile], path);
+  check_metadata_attribute(extra[kMetadataFile]);
   dtype_ = meta_.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
   module_.eval();
+}
+
+void Model::check_metadata_attribute(const std::string &json) const {
+  if (!module_.hasattr(kMetadataAttribute)) return;  // exported before the check existed
+  const auto attr = module_.attr(kMetadataAttribute);
+  if (!attr.isString() || attr.toStringRef() != json)
+    throw Error("metadata of '" + path_ +
+                "' was changed after export (species / r_max / ... no longer match the model); "
+                "re-export it with `equiforce export`");
 }
 
 int Model::species_index(const std::string &name) const {
@@ -319,7 +187,18 @@ Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, co
   auto iopt = torch::TensorOptions().dtype(torch::kInt64).device(device_);
   std::vector<torch::jit::IValue> inputs;
   inputs.reserve(6);
-  inputs.emplace_back(pos.to(fopt).contiguous());
+  // Positions relative to a reference point, formed in float64 before the cast to the model dtype,
+  // so a float32 model far from the origin keeps its precision (energy, forces and virial are
+  // translation invariant; edge shifts and cell are unchanged). The reference is the mean position
+  // rounded to a multiple of kReferenceGrid Angstrom: the subtraction is exact, the coordinates the
+  // model sees stay within kReferenceGrid / 2 + the structure's extent, and a structure near the
+  // origin (reference 0) is evaluated bit for bit as before and as the exported module called directly.
+  auto pos64 = pos.to(torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+  if (n > 0) {
+    auto ref = torch::round(pos64.mean(0, /*keepdim=*/true) / kReferenceGrid) * kReferenceGrid;
+    pos64 = pos64 - ref;
+  }
+  inputs.emplace_back(pos64.to(fopt).contiguous());
   inputs.emplace_back(species.to(iopt).contiguous());
   inputs.emplace_back(edge_index.to(iopt).contiguous());
   inputs.emplace_back(edge_shift.defined() ? edge_shift.to(fopt).contiguous() : torch::zeros({ne, 3}, fopt));

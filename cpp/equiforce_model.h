@@ -16,6 +16,11 @@ namespace equiforce {
 // Version of the exported-file contract this runtime reads (python/equiforce/__init__.py).
 constexpr int kFormatVersion = 1;
 constexpr const char *kMetadataFile = "equiforce_metadata.json";
+// str attribute of the exported top-level module holding exactly the text of kMetadataFile
+// (python/equiforce/deploy/export.py); a mismatch means the extra file was edited after export.
+constexpr const char *kMetadataAttribute = "equiforce_metadata";
+// Model::compute evaluates positions relative to their mean rounded to a multiple of this (Angstrom).
+constexpr double kReferenceGrid = 64.0;
 
 // Every failure of the runtime (bad file, bad input shapes, device problems) is one of these,
 // with a message that names the problem and the fix.
@@ -35,7 +40,8 @@ struct Metadata {
   std::string json;                  // the raw metadata text
 };
 
-// Parse the metadata JSON (a flat object; only the keys above are read). Throws Error.
+// Parse the metadata JSON (nlohmann/json; only the keys above are read). Throws Error naming a
+// missing or mistyped key.
 Metadata parse_metadata(const std::string &json, const std::string &path);
 
 // Pick the torch device for a request "cpu", "cuda", "cuda:N" or "auto".
@@ -53,7 +59,9 @@ struct Result {
 class Model {
  public:
   // Load `path` onto `device`. Throws Error for a missing file, a file that is not TorchScript,
-  // a TorchScript file without equiforce metadata, or an unsupported format_version.
+  // a TorchScript file without equiforce metadata, metadata changed after export (it differs
+  // from the module's `equiforce_metadata` attribute; files without the attribute load
+  // unchecked), or an unsupported format_version.
   Model(const std::string &path, const torch::Device &device);
 
   const Metadata &metadata() const { return meta_; }
@@ -69,10 +77,15 @@ class Model {
   //   pos [N,3], species [N] (int, values in [0, n_species)), edge_index [2,E] (int),
   //   edge_shift [E,3] or undefined (zeros: ghosts carry their own image positions),
   //   cell [3,3] or undefined (zeros), n_local: the first n_local atoms count for the energy.
+  // pos is taken relative to its mean (rounded to kReferenceGrid) in float64 before the cast to the
+  // model dtype: float32 models keep their precision far from the origin (translation invariance).
   Result compute(const torch::Tensor &pos, const torch::Tensor &species, const torch::Tensor &edge_index,
                  const torch::Tensor &edge_shift, const torch::Tensor &cell, int64_t n_local);
 
  private:
+  // Throws Error when the module's kMetadataAttribute differs from the extra file's text `json`.
+  void check_metadata_attribute(const std::string &json) const;
+
   std::string path_;
   torch::Device device_;
   torch::Dtype dtype_ = torch::kFloat64;

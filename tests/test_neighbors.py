@@ -1,5 +1,8 @@
 """equiforce.data.neighbors.neighbor_list against ASE's neighbour list (an independent implementation).
 
+From Python the candidates come from vesin, inside TorchScript from the pure-torch cell list; the
+tests below run both (``scripted()``, and the two engines side by side on random cells).
+
 Edges are compared as sets of (i, j, cell_shift). In float64 the sets must be identical; in float32
 they may differ only by pairs whose float64 distance is within 1e-4 Å of the cutoff (the distance
 test runs in the dtype of the positions).
@@ -10,6 +13,7 @@ import pytest
 import torch
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
+from equiforce.data import neighbors
 from equiforce.data.neighbors import neighbor_list
 from helpers import random_triclinic_cell
 
@@ -240,3 +244,90 @@ def test_bad_input_raises():
     # the same checks hold in TorchScript (raised as torch.jit.Error carrying the message)
     with pytest.raises(Exception, match="r_max"):
         scripted()(pos, 0.0, cell, pbc)
+
+
+# ---- the two engines (vesin from Python, the cell list in TorchScript) -------------------------------
+
+def _both_engines(atoms, r_max, dtype, cell=None):
+    """(vesin result or None, cell-list result), each as neighbor_list returns it."""
+    pos = torch.tensor(atoms.positions, dtype=dtype)
+    c = torch.tensor(atoms.cell.array if cell is None else cell, dtype=dtype)
+    pbc = torch.tensor([bool(p) for p in atoms.pbc])
+    frame = neighbors._complement_frame(c.double(), pbc)
+    found = neighbors._vesin_candidates(pos, r_max, frame, pbc)
+    via_vesin = None if found is None else neighbors._exact_pairs(pos, r_max, c, *found)
+    via_cells = neighbors._exact_pairs(pos, r_max, c, *neighbors._cell_list_candidates(pos, r_max, c.double(), pbc))
+    return via_vesin, via_cells
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_vesin_matches_ase_and_cell_list(seed):
+    """Random triclinic cells (some thinner than the cutoff), every pbc combination, unwrapped
+    positions, spread along non-periodic directions, zero or given non-periodic cell rows: the
+    vesin-backed edges equal ASE's exactly in float64, and equal the cell list's bit for bit (the
+    TorchScript path) in float64 and float32."""
+    rng = np.random.default_rng(100 + seed)
+    pbc = [bool(b) for b in rng.integers(0, 2, 3)] if seed >= 2 else [[True] * 3, [False] * 3][seed]
+    length = float(rng.choice([1.8, 3.0, 5.0, 8.0]))
+    cell = random_triclinic_cell(rng, length=length, skew=float(rng.uniform(0.0, 0.4)))
+    n = int(rng.integers(1, 60))
+    r_max = float(rng.uniform(2.0, 5.5))
+    atoms = ase.Atoms("H" * n, scaled_positions=rng.random((n, 3)), cell=cell, pbc=pbc)
+    atoms = displaced(atoms, rng)
+    atoms.positions += (rng.normal(size=(n, 3)) * ~atoms.pbc) @ cell * 1.5
+    given = None if seed % 3 else cell * np.array(pbc)[:, None]  # zeros on non-periodic rows
+    check_against_ase(atoms, r_max, torch.float64, cell=given)  # neighbor_list itself (vesin here)
+    for dtype in DTYPES:
+        via_vesin, via_cells = _both_engines(atoms, r_max, dtype, cell=given)
+        assert via_vesin is not None, "vesin not used for an ordinary structure"
+        for a, b in zip(via_vesin, via_cells):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _brute_force(pos, r_max, cell, pbc, reach):
+    """All (i, j, S) with |pos[j] - pos[i] + S @ cell| < r_max, images up to ``reach`` cells along
+    periodic directions (numpy, O(N^2 * images)): the reference for the cases ASE cannot bin."""
+    ranges = [range(-reach, reach + 1) if p else range(1) for p in pbc]
+    out = set()
+    for sx in ranges[0]:
+        for sy in ranges[1]:
+            for sz in ranges[2]:
+                s = np.array([sx, sy, sz])
+                d = pos[None, :, :] - pos[:, None, :] + s @ cell
+                i, j = np.nonzero((d * d).sum(-1) < r_max * r_max)
+                for a, b in zip(i.tolist(), j.tolist()):
+                    if a != b or s.any():
+                        out.add((a, b, (sx, sy, sz)))
+    return out
+
+
+@pytest.mark.parametrize("case", ["plane_1e5", "slab_1e3", "wire_1e4", "sparse_periodic_1e6", "far_unwrapped"])
+def test_vesin_guard(case):
+    """Geometries where vesin 0.6.2 must not be called: SIGFPE (a cell count truncates to 0 when it
+    caps its cells for a very anisotropic box), minutes of search (mixed pbc with a large vacuum),
+    int32 cell indices. neighbor_list gives the exact edges there (vesin padded, or the cell list),
+    without crashing; a brute-force all-pairs search is the reference."""
+    base = np.array([[0.0, 0.0, 0.0], [1.0, 0.2, 0.0], [2.5, -0.3, 0.4]])
+    cell = np.diag([10.0, 10.0, 10.0])
+    if case == "plane_1e5":
+        pos, pbc = np.vstack([base, base + [1e5, 1e5, 0.0]]), [False] * 3
+    elif case == "slab_1e3":
+        pos, pbc = np.vstack([base, base + [0.0, 0.0, 1e3]]), [True, True, False]
+    elif case == "wire_1e4":
+        pos, pbc = np.vstack([base, base + [3e3, 1e4, 0.0]]), [False, False, True]
+    elif case == "sparse_periodic_1e6":
+        cell = np.diag([1e6, 1e6, 3.0])
+        pos, pbc = np.vstack([base, base + [5e5, 0.0, 0.0]]), [True] * 3
+    else:
+        pos, pbc = np.vstack([base, base + 4.0]) + [3e7, 0.0, 0.0], [True] * 3
+    r_max = 3.0
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    ei, es, cs = neighbor_list(t(pos), r_max, t(cell), torch.tensor(pbc))
+    got = edge_set(ei[0], ei[1], cs)
+    ref = _brute_force(pos, r_max, cell, pbc, reach=2)
+    assert got == ref and len(ref) > 0
+    np.testing.assert_allclose(es.numpy(), cs.double().numpy() @ cell, atol=0)
+    # the guard is what keeps vesin away from the crashing geometries
+    if case in ("plane_1e5", "sparse_periodic_1e6", "far_unwrapped"):
+        frame = neighbors._complement_frame(t(cell), torch.tensor(pbc))
+        assert neighbors._vesin_box(t(pos), r_max, frame, torch.tensor(pbc)) is None

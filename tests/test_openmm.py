@@ -450,6 +450,21 @@ def test_verlet_list_reuse_is_exact(model_paths):
     assert 3 <= module.rebuilds < 20, module.rebuilds
 
 
+@pytest.mark.parametrize("spread", [30.0, 1e5])
+def test_module_neighbour_search_far_apart(model_paths, spread):
+    """Two copies of the demo molecule far apart in a plane (non-periodic): the module's vesin search
+    (padded box) or, at 1e5 Å where vesin 0.6.2 dies of SIGFPE, the cell list gives the energy of two
+    isolated copies and each copy its own forces (the Python reference with all-pairs edges)."""
+    from equiforce.openmm import create_module
+    symbols = DEMO_SYMBOLS * 2
+    pos = np.vstack([DEMO_POS, DEMO_POS + [spread, spread, 0.0]])
+    module = create_module(model_paths["float64"], elements=symbols, periodic=False, neighbor_skin=1.0)
+    e, f = module(torch.tensor(pos / NM_TO_ANGSTROM))
+    e_one, f_one = python_reference(model_paths["float64"], DEMO_POS, DEMO_SYMBOLS)
+    assert abs(float(e) - 2 * e_one) < 2 * E_TOL
+    np.testing.assert_allclose(f.numpy(), np.vstack([f_one, f_one]), rtol=0, atol=F_TOL)
+
+
 def test_learned_model_drop_in(tmp_path):
     """The equivariant network (random weights, small) runs through the same path, exactly."""
     from equiforce.model.network import EquiforceModel, ModelConfig

@@ -169,3 +169,162 @@ def test_bad_edge_index(model_files):
         rt.compute(np.zeros((2, 3)), np.array([0, 1]), np.array([[0], [5]]))
     with pytest.raises(_runtime.ModelError, match="species index out of range"):
         rt.compute(np.zeros((2, 3)), np.array([0, 7]), np.zeros((2, 0), dtype=np.int64))
+
+
+# ---- metadata read by nlohmann/json: every bad or missing key named --------------------------------
+
+class _Plain(torch.nn.Module):
+    """An exported module wrapped with no top-level ``equiforce_metadata`` attribute (a file as
+    exported before the tamper check), whether or not export_model sets one on the inner module."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pos: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor, edge_shift: torch.Tensor,
+                cell: torch.Tensor, n_local: int):
+        return self.inner(pos, species, edge_index, edge_shift, cell, n_local)
+
+
+def _resave(model_files, tmp_path, name, text):
+    """The float64 model, without the tamper-check attribute, saved with ``text`` as its metadata."""
+    module, _ = load_exported(model_files["f64"])
+    p = str(tmp_path / name)
+    torch.jit.save(torch.jit.script(_Plain(module)), p, _extra_files={METADATA_FILE: text})
+    return p
+
+
+@pytest.mark.parametrize("key", ["format_version", "species", "r_max", "num_layers", "receptive_field", "dtype"])
+def test_metadata_missing_key(model_files, tmp_path, key):
+    _, meta = load_exported(model_files["f64"])
+    del meta[key]
+    p = _resave(model_files, tmp_path, f"no_{key}.pt", json.dumps(meta))
+    with pytest.raises(_runtime.ModelError, match=f"metadata has no '{key}'; re-export the model with `equiforce export`"):
+        _runtime.Model(p)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("r_max", "3.5", "a number"), ("species", "HCO", "a list of element names"), ("dtype", 64, "a string"),
+    ("num_layers", None, "a number"), ("format_version", [1], "a number")])
+def test_metadata_wrong_type(model_files, tmp_path, key, value, expected):
+    _, meta = load_exported(model_files["f64"])
+    meta[key] = value
+    p = _resave(model_files, tmp_path, f"bad_{key}.pt", json.dumps(meta))
+    with pytest.raises(_runtime.ModelError, match=f"metadata key '{key}' has the wrong type \\(expected {expected}"):
+        _runtime.Model(p)
+
+
+def test_metadata_bad_values(model_files, tmp_path):
+    _, meta = load_exported(model_files["f64"])
+    cases = [({"species": ["H", 6, "O"]}, "species must be strings"), ({"species": []}, "lists no species"),
+             ({"dtype": "float16"}, "unsupported dtype 'float16'"), ({"r_max": -1.0}, "inconsistent metadata"),
+             ({"receptive_field": 1.0}, "inconsistent metadata")]
+    for k, (change, message) in enumerate(cases):
+        p = _resave(model_files, tmp_path, f"value_{k}.pt", json.dumps({**meta, **change}))
+        with pytest.raises(_runtime.ModelError, match=message):
+            _runtime.Model(p)
+
+
+def test_metadata_not_json(model_files, tmp_path):
+    _, meta = load_exported(model_files["f64"])
+    text = json.dumps(meta)
+    for k, bad in enumerate([text[:-1], text + " x", "[1, 2]", "{'species': ['H']}"]):
+        p = _resave(model_files, tmp_path, f"notjson_{k}.pt", bad)
+        with pytest.raises(_runtime.ModelError, match="metadata is not (valid JSON|a JSON object)"):
+            _runtime.Model(p)
+
+
+def test_metadata_unicode_and_extra_keys(model_files, tmp_path):
+    """Keys the runtime does not read, unicode escapes and nesting do not disturb the ones it does."""
+    _, meta = load_exported(model_files["f64"])
+    meta = {**meta, "note": "r\u00e9f\u00e9rence \\ \"quoted\"", "nested": {"a": [1, {"b": None}], "r_max": 99}}
+    p = _resave(model_files, tmp_path, "extra.pt", json.dumps(meta, ensure_ascii=True))
+    md = _runtime.Model(p).metadata
+    assert md["species"] == ["H", "C", "O"] and md["r_max"] == 3.5 and md["num_layers"] == 3
+
+
+# ---- metadata tamper check (contract: export.py's `equiforce_metadata` attribute) ----------------------
+
+class _WithMetadataAttribute(torch.nn.Module):
+    """An exported module wrapped with the top-level str attribute ``equiforce_metadata`` (built here,
+    independently of export_model, so this tests the C++ side of the contract alone)."""
+
+    def __init__(self, inner, text):
+        super().__init__()
+        self.inner = inner
+        self.equiforce_metadata = text
+
+    def forward(self, pos: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor, edge_shift: torch.Tensor,
+                cell: torch.Tensor, n_local: int):
+        return self.inner(pos, species, edge_index, edge_shift, cell, n_local)
+
+
+def _with_attribute(model_files, tmp_path, name, attribute_text, file_text):
+    module, _ = load_exported(model_files["f64"])
+    p = str(tmp_path / name)
+    torch.jit.save(torch.jit.script(_WithMetadataAttribute(module, attribute_text)), p,
+                   _extra_files={METADATA_FILE: file_text})
+    return p
+
+
+def test_metadata_attribute_matching_loads_and_computes(model_files, tmp_path):
+    _, meta = load_exported(model_files["f64"])
+    text = json.dumps(meta)
+    p = _with_attribute(model_files, tmp_path, "signed.pt", text, text)
+    pos, species, ei, shift, cell = periodic_structure()
+    got = _runtime.Model(p).compute(pos, species, ei, shift, cell)
+    ref = _runtime.Model(model_files["f64"]).compute(pos, species, ei, shift, cell)
+    assert got[0] == ref[0]
+    np.testing.assert_array_equal(got[2], ref[2])
+
+
+@pytest.mark.parametrize("change", [{"species": ["O", "C", "H"]}, {"r_max": 3.0, "receptive_field": 9.0},
+                                    {"note": "only a key added"}])
+def test_metadata_changed_after_export_is_refused(model_files, tmp_path, change):
+    _, meta = load_exported(model_files["f64"])
+    p = _with_attribute(model_files, tmp_path, "tampered.pt", json.dumps(meta), json.dumps({**meta, **change}))
+    with pytest.raises(_runtime.ModelError) as err:
+        _runtime.Model(p)
+    assert str(err.value) == (f"metadata of '{p}' was changed after export (species / r_max / ... no longer match "
+                              "the model); re-export it with `equiforce export`")
+
+
+def test_metadata_whitespace_change_is_refused(model_files, tmp_path):
+    """The comparison is on the exact text (the contract), not on the parsed values."""
+    _, meta = load_exported(model_files["f64"])
+    p = _with_attribute(model_files, tmp_path, "spaced.pt", json.dumps(meta), json.dumps(meta, indent=1))
+    with pytest.raises(_runtime.ModelError, match="was changed after export"):
+        _runtime.Model(p)
+
+
+def test_file_without_attribute_still_loads(model_files, tmp_path):
+    """Files exported before the check (no top-level ``equiforce_metadata``) load unchecked."""
+    _, meta = load_exported(model_files["f64"])
+    p = _resave(model_files, tmp_path, "old.pt", json.dumps(meta, indent=2))
+    assert not torch.jit.load(p)._c.hasattr("equiforce_metadata")
+    rt = _runtime.Model(p)
+    assert rt.metadata["species"] == ["H", "C", "O"]
+    pos, species, ei, shift, cell = periodic_structure()
+    ref = _runtime.Model(model_files["f64"]).compute(pos, species, ei, shift, cell)
+    assert rt.compute(pos, species, ei, shift, cell)[0] == ref[0]
+
+
+# ---- float32 far from the origin ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_float32_far_from_origin(model_files, offset):
+    """Positions are taken relative to their mean in float64 before the cast to float32: a structure
+    translated by ``offset`` Å gives the forces of the untranslated one within 1e-4 relative (without
+    the centring, float32 coordinates near 1e6 Å carry errors of ~0.06 Å)."""
+    pos, species, ei, shift, cell = periodic_structure(seed=2)
+    rt = _runtime.Model(model_files["f32"])
+    e0, ea0, f0, w0 = rt.compute(pos, species, ei, shift, cell)
+    e1, ea1, f1, w1 = rt.compute(pos + np.array([offset, -0.7 * offset, 0.3 * offset]), species, ei, shift, cell)
+    scale = np.abs(f0).max()
+    assert scale > 0.1  # real forces
+    assert np.abs(f1 - f0).max() < 1e-4 * scale
+    assert abs(e1 - e0) < 1e-6 * max(1.0, abs(e0))
+    np.testing.assert_allclose(w1, w0, rtol=0, atol=1e-4 * np.abs(w0).max())
+    # and the float32 result is the float64 model's within float32 precision
+    ref = _runtime.Model(model_files["f64"]).compute(pos, species, ei, shift, cell)
+    assert np.abs(f1 - ref[2]).max() < 1e-4 * scale
