@@ -2,38 +2,16 @@
 #include "equiforce_layers.h"
 
 #include <algorithm>
-#include <regex>
 
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
 namespace equiforce {
 
-namespace {
-
-// "layer_dims": [d0, ..., dL] and "exchange": true from the raw metadata text (flat keys written by
-// build_metadata); empty when absent
-std::vector<int64_t> read_layer_dims(const std::string &json) {
-  std::vector<int64_t> dims;
-  static const std::regex exch("\"exchange\"\\s*:\\s*true");
-  if (!std::regex_search(json, exch)) return dims;
-  static const std::regex key("\"layer_dims\"\\s*:\\s*\\[([0-9,\\s]*)\\]");
-  std::smatch m;
-  if (!std::regex_search(json, m, key)) return dims;
-  static const std::regex num("[0-9]+");
-  const std::string list = m[1].str();
-  for (auto it = std::sregex_iterator(list.begin(), list.end(), num); it != std::sregex_iterator(); ++it)
-    dims.push_back(std::stoll(it->str()));
-  return dims;
-}
-
-}  // namespace
-
 std::string LayerStepper::unsupported_reason(const Model &model) {
   const auto &meta = model.metadata();
   if (meta.long_range) return "it has long-range electrostatics (needs every atom in one call)";
-  auto dims = read_layer_dims(meta.json);
-  if (dims.size() != static_cast<size_t>(meta.num_layers) + 1)
+  if (!meta.exchange || meta.layer_dims.size() != static_cast<size_t>(meta.num_layers) + 1)
     return "it has no per-layer entry points (metadata 'exchange' is not true: a direct-force model, or a file "
            "exported before they existed)";
   auto &mod = const_cast<Model &>(model).module();
@@ -48,7 +26,7 @@ LayerStepper::LayerStepper(Model &model) : model_(model) {
     throw Error("model file '" + model.path() + "' cannot be evaluated layer by layer: " + why +
                 "; re-export a short-range conservative model with this equiforce (`equiforce export`), or use "
                 "another path");
-  dims_ = read_layer_dims(model.metadata().json);
+  dims_ = model.metadata().layer_dims;
 }
 
 int LayerStepper::widest() const {

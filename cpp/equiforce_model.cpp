@@ -84,6 +84,32 @@ Metadata parse_metadata(const std::string &json, const std::string &path) {
                 std::to_string(m.receptive_field) + ")");
   if (m.dtype != "float32" && m.dtype != "float64")
     throw Error("model file '" + path + "': unsupported dtype '" + m.dtype + "' (float32 or float64)");
+  if (root.contains("exchange"))
+    m.exchange = require(root, "exchange", &Json::is_boolean, "true or false", path).get<bool>();
+  if (root.contains("layer_dims"))
+    for (const auto &v : require(root, "layer_dims", &Json::is_array, "a list of integers", path)) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 1)
+        throw Error("model file '" + path + "': metadata layer_dims must be positive integers; re-export the "
+                    "model with `equiforce export`");
+      m.layer_dims.push_back(v.get<int64_t>());
+    }
+  if (root.contains("masses")) {
+    for (const auto &v : require(root, "masses", &Json::is_array, "a list of numbers", path)) {
+      if (!v.is_number() || !(v.get<double>() > 0.0))
+        throw Error("model file '" + path + "': metadata masses must be positive numbers (amu); re-export the "
+                    "model with `equiforce export`");
+      m.masses.push_back(v.get<double>());
+    }
+    if (m.masses.size() != m.species.size())
+      throw Error("model file '" + path + "': metadata lists " + std::to_string(m.masses.size()) +
+                  " masses for " + std::to_string(m.species.size()) + " species; re-export the model with "
+                  "`equiforce export`");
+  }
+  if (root.contains("min_distance")) {
+    m.min_distance = require(root, "min_distance", &Json::is_number, "a number", path).get<double>();
+    if (!(m.min_distance >= 0.0))
+      throw Error("model file '" + path + "': metadata min_distance must be >= 0 Angstrom");
+  }
   return m;
 }
 

@@ -37,10 +37,15 @@ struct Metadata {
   double receptive_field = 0.0;      // distance an atom's energy depends on (Angstrom)
   std::string dtype;                 // "float32" or "float64"
   bool long_range = false;           // electrostatics over all atoms given (needs every atom, n_local = N)
+  // optional keys (files exported before they existed lack them):
+  bool exchange = false;             // per-layer entry points embed/layer/readout (LAMMPS path exchange)
+  std::vector<int64_t> layer_dims;   // feature widths [d0, ..., dL] of the per-layer entry points
+  double min_distance = 0.5;         // closest approach (Angstrom) the model is valid for (units.MIN_DISTANCE)
+  std::vector<double> masses;        // standard atomic mass (amu) of each species, same order as species
   std::string json;                  // the raw metadata text
 };
 
-// Parse the metadata JSON (nlohmann/json; only the keys above are read). Throws Error naming a
+// Parse the metadata JSON (nlohmann/json; only the keys above are read, the optional ones when present). Throws Error naming a
 // missing or mistyped key.
 Metadata parse_metadata(const std::string &json, const std::string &path);
 

@@ -7,7 +7,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <regex>
 #include <thread>
 #include <unordered_map>
 
@@ -121,16 +120,19 @@ void PairEquiforce::allocate() {
 
 /* ----------------------------------------------------------------------
    pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell]
+                        [check_masses yes|no]
    (every setting not given goes back to its default)
 ------------------------------------------------------------------------- */
 
 static const char *kUsage =
-    "usage: pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell]";
+    "usage: pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell] "
+    "[check_masses yes|no]";
 
 void PairEquiforce::settings(int narg, char **arg) {
   int iarg = 0;
   path_request_ = AUTO;
   device_request_ = "auto";
+  check_masses_ = true;
   while (iarg < narg) {
     if (strcmp(arg[iarg], "device") == 0) {
       if (iarg + 1 >= narg)
@@ -148,6 +150,13 @@ void PairEquiforce::settings(int narg, char **arg) {
         error->all(FLERR, "pair_style equiforce: unknown path '{}'; 'path' needs a value: auto (images on one "
                           "MPI rank; on several, exchange for files with per-layer entry points, gather for "
                           "long-range models), images, exchange, gather or ghost_shell", v);
+      iarg += 2;
+    } else if (strcmp(arg[iarg], "check_masses") == 0) {
+      const char *v = iarg + 1 < narg ? arg[iarg + 1] : "";
+      if (strcmp(v, "yes") != 0 && strcmp(v, "no") != 0)
+        error->all(FLERR, "pair_style equiforce: 'check_masses' needs yes (default: every type's mass must be "
+                          "within 1 amu of its element's standard mass) or no (isotopes, repartitioned masses)");
+      check_masses_ = strcmp(v, "yes") == 0;
       iarg += 2;
     } else {
       error->all(FLERR, "pair_style equiforce: unknown keyword '{}'{}; {}", arg[iarg],
@@ -189,20 +198,6 @@ torch::Device PairEquiforce::pick_device() {
   return device;
 }
 
-// "min_distance": X of the metadata (exported files carry it), 0.5 A when absent
-static double read_min_distance(const std::string &json) {
-  static const std::regex key("\"min_distance\"\\s*:\\s*([0-9.eE+-]+)");
-  std::smatch m;
-  if (std::regex_search(json, m, key)) {
-    try {
-      const double v = std::stod(m[1].str());
-      if (v >= 0.0) return v;
-    } catch (const std::exception &) {
-    }
-  }
-  return 0.5;
-}
-
 void PairEquiforce::load_model(const char *file, const torch::Device &device) {
   stepper_.reset();
   try {
@@ -215,7 +210,7 @@ void PairEquiforce::load_model(const char *file, const torch::Device &device) {
   num_layers_ = meta.num_layers;
   receptive_field_ = meta.receptive_field;
   long_range_ = meta.long_range;
-  min_distance_ = read_min_distance(meta.json);
+  min_distance_ = meta.min_distance;
   exchange_unsupported_ = equiforce::LayerStepper::unsupported_reason(*model_);
   if (exchange_unsupported_.empty()) stepper_ = std::make_unique<equiforce::LayerStepper>(*model_);
 }
@@ -283,6 +278,33 @@ void PairEquiforce::log_model(const char *file, const torch::Device &device) {
 
 /* ---------------------------------------------------------------------- */
 
+/* ----------------------------------------------------------------------
+   pair_coeff maps types to elements by position: a data file whose types are in another order
+   (types H C O, pair_coeff * * model.pt O C H) gives a plausible but wrong energy. The masses
+   LAMMPS holds for the types tell: each mapped type's mass must be within 1 amu of the standard
+   atomic mass of its element (metadata "masses"; files exported before it was recorded are not
+   checked). Elements closer in mass than 1 amu are not told apart. `check_masses no` allows
+   isotopes (D, T) and repartitioned hydrogen masses.
+------------------------------------------------------------------------- */
+
+void PairEquiforce::check_masses() {
+  const auto &meta = model_->metadata();
+  if (meta.masses.empty() || !atom->mass || atom->rmass_flag) return;  // per-atom masses: not per type
+  constexpr double kTolerance = 1.0;  // amu
+  for (int t = 1; t <= atom->ntypes; t++) {
+    if (map[t] < 0 || !atom->mass_setflag[t]) continue;
+    const double expected = meta.masses[map[t]];
+    if (std::fabs(atom->mass[t] - expected) > kTolerance)
+      error->all(FLERR, "pair_coeff equiforce: atom type {} is mapped to element {} (standard mass {:.4g} amu) but "
+                        "has mass {:.4g}: the element names of pair_coeff are probably not in the order of the "
+                        "types. List one element per type in type order (pair_coeff * * model.pt El1 El2 ...), "
+                        "or add 'check_masses no' to pair_style for isotopes or repartitioned masses",
+                 t, type_elements_[t], expected, atom->mass[t]);
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+
 void PairEquiforce::init_style() {
   if (!model_) error->all(FLERR, "pair_style equiforce: no model loaded; use pair_coeff * * model.pt El1 ...");
   if (force->newton_pair == 0)
@@ -305,6 +327,7 @@ void PairEquiforce::init_style() {
                           "'special_bonds lj/coul 1 1 1' (bonds, angles and dihedrals then only matter for "
                           "topology)", force->special_lj[1], force->special_lj[2], force->special_lj[3],
                    force->special_coul[1], force->special_coul[2], force->special_coul[3]);
+  if (check_masses_) check_masses();
   choose_path();
   const bool ghosts = path_ == GHOST_SHELL;
   ghostneigh = ghosts ? 1 : 0;  // read by Neighbor::init(), which runs after this

@@ -1,6 +1,7 @@
 // pair_style equiforce: runs an exported equiforce model (see cpp/equiforce_model.h) in LAMMPS.
 //
 //   pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell]
+//                        [check_masses yes|no]
 //   pair_coeff * * model.pt El1 El2 ...     (one element per atom type, NULL = not this style)
 //
 // Four exact evaluation paths, one file each (the Pair methods here hold settings, coeff,
@@ -65,6 +66,7 @@ class PairEquiforce : public Pair {
   void share_threads(const torch::Device &device);
   void warn_blas(const torch::Device &device);
   void log_model(const char *file, const torch::Device &device);
+  void check_masses();        // error->all when a type's mass is not its element's (type order mix-up)
   void check_min_distance();  // error->one naming the two atoms closer than min_distance_
   // init_style() steps
   void choose_path();
@@ -102,6 +104,7 @@ class PairEquiforce : public Pair {
   std::string device_request_ = "auto";
   std::vector<std::string> type_elements_;  // [ntypes+1], "NULL" for unmapped types
   double r_max_ = 0.0;
+  bool check_masses_ = true;   // `check_masses yes|no`: type masses must match the mapped elements
   double min_distance_ = 0.5;  // Angstrom, metadata "min_distance" (equiforce.units.MIN_DISTANCE)
   double receptive_field_ = 0.0;
   int num_layers_ = 0;

@@ -130,3 +130,37 @@ def make_model(species: Sequence[str], seed: int = 0, dtype=torch.float64, scale
         if dipole_scale is not None and model.has_dipole:
             model.set_dipole_scale(dipole_scale)
     return model
+
+
+# settings of the small model the per-layer (LAMMPS `path exchange`) tests step through
+LAYERED_MODEL = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12,
+                     avg_num_neighbors=12.0)
+
+
+def layered_model(seed: int = 0, **kw):
+    """float64 Si/C EquiforceModel (LAYERED_MODEL settings, overridden by ``kw``) with scale/shift set."""
+    return make_model(["Si", "C"], seed, scale=[1.5, 0.7], shift=[-3.0, -1.0], **{**LAYERED_MODEL, **kw})
+
+
+def step_layers(module, meta, species, edge_index, edge_vec, n_local):
+    """Energy of the first n_local atoms, and dE/d edge_vec, stepping layer by layer with autograd
+    (each layer's input a fresh leaf, gradients chained backwards by hand as LAMMPS does)."""
+    x = module.embed(species)
+    n = species.shape[0]
+    ev = edge_vec.detach().requires_grad_(True)
+    pairs = []
+    for k in range(meta["num_layers"]):
+        xin = x.detach().requires_grad_(True)
+        out = module.layer(k, xin, species, edge_index, ev, n)
+        pairs.append((xin, out))
+        x = out
+    xl = x.detach().requires_grad_(True)
+    ea = module.readout(xl, species)
+    energy = ea[:n_local].sum()
+    g, = torch.autograd.grad(energy, xl)
+    g_ev = torch.zeros_like(ev)
+    for xin, out in reversed(pairs):
+        gx, gv = torch.autograd.grad(out, [xin, ev], g, allow_unused=True)
+        g_ev = g_ev + (gv if gv is not None else 0.0)
+        g = gx
+    return energy.detach(), ea.detach(), g_ev

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from ase.data import atomic_masses, atomic_numbers
 
 NKTV2P_METAL = 1.6021765e6  # LAMMPS units metal: eV/Å^3 -> bar
 VENV = sys.prefix
@@ -60,8 +61,8 @@ def write_data(path: str, s: Structure, elements: Sequence[str]) -> None:
         if abs(c[1][0]) + abs(c[2][0]) + abs(c[2][1]) > 0:
             f.write(f"{c[1][0]!r} {c[2][0]!r} {c[2][1]!r} xy xz yz\n")
         f.write("\nMasses\n\n")
-        for k, el in enumerate(elements):
-            f.write(f"{k + 1} {12.0 + 16.0 * k}\n")
+        for k, el in enumerate(elements):  # each type's standard mass (pair equiforce checks them)
+            f.write(f"{k + 1} {atomic_masses[atomic_numbers[el]] if el in atomic_numbers else 1.0}\n")
         f.write("\nAtoms # atomic\n\n")
         for tag, sym, p in zip(s.tags, s.symbols, np.asarray(s.positions, dtype=float).tolist()):
             f.write(f"{int(tag)} {elements.index(sym) + 1} {p[0]!r} {p[1]!r} {p[2]!r}\n")
@@ -245,6 +246,25 @@ def triclinic():
     pos = _random_positions(cell, 40, 1.9, rng)
     symbols = [ELEMENTS[k] for k in rng.integers(0, 2, 40)]
     return Structure(wrap(pos, cell), symbols, cell, pbc=True)
+
+
+def molecule(isolated_atom=False):
+    """9-atom cluster in a 30 Å non-periodic box (optionally plus an atom with no neighbours)."""
+    rng = np.random.default_rng(11)
+    cell = lammps_cell(30.0, 30.0, 30.0)
+    pos = 12.0 + _random_positions(np.eye(3) * 4.5, 9, 1.7, rng, pbc=False)
+    symbols = [ELEMENTS[k % 2] for k in range(9)]
+    if isolated_atom:
+        pos = np.vstack([pos, [26.0, 26.0, 26.0]])  # > 10 Å from everything
+        symbols.append("C")
+    return Structure(pos, symbols, cell, pbc=False)
+
+
+def small_cell():
+    """2 atoms in a triclinic cell with edges < r_max (every atom sees many of its own images)."""
+    cell = lammps_cell(2.9, 3.1, 3.3, xy=0.4, xz=0.3, yz=-0.2)
+    pos = np.array([[0.2, 0.3, 0.1], [1.6, 1.4, 1.9]])
+    return Structure(wrap(pos, cell), ["Si", "C"], cell, pbc=True)
 
 
 def _by_tag(s, ref):

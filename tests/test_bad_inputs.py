@@ -31,7 +31,7 @@ from equiforce.errors import DatagenError, ModelFileError
 from equiforce.model.analytic import AnalyticMessageModel
 from equiforce.units import MIN_DISTANCE
 
-from test_data import make_frames, write_dataset
+from helpers import make_frames, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIES = ["H", "C", "O"]

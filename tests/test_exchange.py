@@ -15,21 +15,11 @@ import torch
 from equiforce.data.neighbors import neighbor_list
 from equiforce.deploy.export import METADATA_FILE, export_model, load_exported
 from equiforce.model.forces import forces_virial_from_edge_grad
-from equiforce.model.network import EquiforceModel, ModelConfig
+from helpers import layered_model as make_model, step_layers as stepped
 
 F64 = torch.float64
 SPECIES = ["Si", "C"]
 REL = 1e-12
-
-
-def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    settings = dict(r_max=3.5, channels=6, lmax=2, num_layers=3, num_bessel=6, radial_hidden=12,
-                    avg_num_neighbors=12.0)
-    settings.update(kw)
-    model = EquiforceModel(ModelConfig(**settings), SPECIES).double()
-    model.set_scale_shift(torch.tensor([1.5, 0.7]), torch.tensor([-3.0, -1.0]))
-    return model
 
 
 def periodic_structure(seed=1, n=24):
@@ -47,30 +37,6 @@ def exported(request, tmp_path_factory):
     export_model(model, path, dtype=F64, symmetry="O3")
     module, meta = load_exported(path)
     return path, module, meta
-
-
-def stepped(module, meta, species, edge_index, edge_vec, n_local):
-    """Energy of the first n_local atoms, and dE/d edge_vec, stepping layer by layer with autograd
-    (each layer's input a fresh leaf, gradients chained backwards by hand as LAMMPS does)."""
-    x = module.embed(species)
-    n = species.shape[0]
-    ev = edge_vec.detach().requires_grad_(True)
-    pairs = []
-    for k in range(meta["num_layers"]):
-        xin = x.detach().requires_grad_(True)
-        out = module.layer(k, xin, species, edge_index, ev, n)
-        pairs.append((xin, out))
-        x = out
-    xl = x.detach().requires_grad_(True)
-    ea = module.readout(xl, species)
-    energy = ea[:n_local].sum()
-    g, = torch.autograd.grad(energy, xl)
-    g_ev = torch.zeros_like(ev)
-    for xin, out in reversed(pairs):
-        gx, gv = torch.autograd.grad(out, [xin, ev], g, allow_unused=True)
-        g_ev = g_ev + (gv if gv is not None else 0.0)
-        g = gx
-    return energy.detach(), ea.detach(), g_ev
 
 
 def test_metadata_describes_the_entry_points(exported):

@@ -26,31 +26,12 @@ from equiforce.integrations.lammps import plugin_dir
 
 from lammps_util import (E_TOL, ELEMENTS, F_TOL, P_RTOL, Structure, _random_positions,
                          assert_matches, bulk, deck, import_lammps, installed_plugin, lammps_cell, parse_result,
-                         python_reference, read_dump, run_lmp, triclinic, wrap, write_data)
+                         molecule, python_reference, read_dump, run_lmp, small_cell, triclinic, wrap, write_data)
 
 R_MAX = 4.0
 
 
 # ---- structures ----------------------------------------------------------------------------------
-
-def molecule(isolated_atom=False):
-    """9-atom cluster in a 30 Å non-periodic box (optionally plus an atom with no neighbours)."""
-    rng = np.random.default_rng(11)
-    cell = lammps_cell(30.0, 30.0, 30.0)
-    pos = 12.0 + _random_positions(np.eye(3) * 4.5, 9, 1.7, rng, pbc=False)
-    symbols = [ELEMENTS[k % 2] for k in range(9)]
-    if isolated_atom:
-        pos = np.vstack([pos, [26.0, 26.0, 26.0]])  # > 10 Å from everything
-        symbols.append("C")
-    return Structure(pos, symbols, cell, pbc=False)
-
-
-def small_cell():
-    """2 atoms in a triclinic cell with edges < r_max (every atom sees many of its own images)."""
-    cell = lammps_cell(2.9, 3.1, 3.3, xy=0.4, xz=0.3, yz=-0.2)
-    pos = np.array([[0.2, 0.3, 0.1], [1.6, 1.4, 1.9]])
-    return Structure(wrap(pos, cell), ["Si", "C"], cell, pbc=True)
-
 
 STRUCTURES = {"molecule": molecule, "bulk": bulk, "triclinic": triclinic, "small_cell": small_cell,
               "isolated_atom": lambda: molecule(isolated_atom=True)}

@@ -18,8 +18,8 @@ import torch
 from equiforce.deploy.export import export_model, load_exported
 from lammps_util import (NKTV2P_METAL, Structure, deck, lammps_cell, parse_result, python_reference, read_dump,
                          run_lmp, wrap, write_data)
-from test_exchange import make_model, stepped
-from test_lammps import ELEMENTS, _random_positions, assert_matches, bulk, molecule, small_cell, triclinic
+from helpers import layered_model as make_model, step_layers as stepped
+from lammps_util import ELEMENTS, _random_positions, assert_matches, bulk, molecule, small_cell, triclinic
 
 pytestmark = [pytest.mark.lammps]
 R_MAX = 4.0
@@ -155,8 +155,10 @@ def test_md_with_migration_equals_serial(cases, model_path, tmp_path):
     """200 NVE steps at 1500 K (reneighbouring, atoms changing owner): 2 and 4 ranks on the exchange
     path stay on the serial trajectory within 1e-8 Å."""
     s, data, _ = cases["bulk"]
-    tiny = str(tmp_path / "tiny.pt")  # 2 layers, lmax 1, 4 channels: the same code path, a quicker step
-    export_model(make_model(r_max=R_MAX, num_layers=2, lmax=1, channels=4).for_export(fused=True), tiny,
+    # 2 layers, lmax 1, 4 channels: the same code path, a quicker step. Random weights: seed 1 keeps
+    # every pair above the 0.5 Å minimum distance over the 200 steps (seed 0 lets two atoms meet)
+    tiny = str(tmp_path / "tiny.pt")
+    export_model(make_model(seed=1, r_max=R_MAX, num_layers=2, lmax=1, channels=4).for_export(fused=True), tiny,
                  dtype=F64, symmetry="O3")
     frames = {}
     for nprocs, grid, path in ((1, "", "images"), (2, "2 1 1", "exchange"), (4, "2 2 1", "exchange")):
@@ -373,3 +375,32 @@ def test_comm_cutoff_below_the_need_is_raised_by_lammps(cases, model_path, tmp_p
     proc = run_lmp(text, str(tmp_path), nprocs=2)
     check(proc, s, ref, str(tmp_path / "dump.out"))
     assert "Communication cutoff adjusted to 6" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("check", ["yes", "no"])
+def test_type_masses_must_match_the_elements(cases, model_path, tmp_path, check):
+    """pair_coeff elements in another order than the data file's types (types 1 Si, 2 C with their
+    masses; pair_coeff * * model C Si) give a plausible wrong energy: refused, naming the types, the
+    masses and the fix; `check_masses no` (isotopes, repartitioned masses) runs it as asked."""
+    s, data, ref = cases["bulk"]
+    style = "pair_style equiforce device cpu" + (" check_masses no" if check == "no" else "")
+    proc = run_lmp(deck(data, model_path, ["C", "Si"], True, pair_style=style), str(tmp_path))
+    out = proc.stdout + proc.stderr
+    if check == "no":
+        assert proc.returncode == 0, out[-2000:]
+        energy, _ = parse_result(proc.stdout)
+        assert abs(energy - ref["energy"]) > 1e-3  # the swapped species: another (wrong) energy
+        return
+    err = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert proc.returncode != 0 and err, out[-2000:]
+    assert re.search(r"atom type 1 is mapped to element C \(standard mass 12\.01 amu\) but has mass 28\.09: the "
+                     r"element names of pair_coeff are probably not in the order of the types.*'check_masses no'",
+                     err[0]), err[0]
+
+
+def test_metadata_records_the_species_masses(model_path):
+    """The masses LAMMPS checks come from the file: ASE's standard atomic masses of the species."""
+    from ase.data import atomic_masses, atomic_numbers
+
+    _, meta = load_exported(model_path)
+    assert meta["masses"] == [float(atomic_masses[atomic_numbers[el]]) for el in meta["species"]]

@@ -259,6 +259,16 @@ def has_layer_entry_points(model: nn.Module) -> bool:
         and not bool(getattr(model, "has_long_range", False))
 
 
+def species_masses(species: List[str]) -> Optional[List[float]]:
+    """Standard atomic masses (amu, ASE's table) of the species, None when a species is not a
+    chemical symbol (analytic test models may use other names)."""
+    from ase.data import atomic_masses, atomic_numbers
+
+    if not all(s in atomic_numbers for s in species):
+        return None
+    return [float(atomic_masses[atomic_numbers[s]]) for s in species]
+
+
 def exported_wrapper(model: nn.Module, total_charge: float = 0.0) -> nn.Module:
     """The exported module class for ``model`` (before scripting)."""
     layered = has_layer_entry_points(model)
@@ -426,6 +436,9 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
     wrapper = exported_wrapper(energy_model, total_charge)
     meta = build_metadata(energy_model, dtype, symmetry, model_type, extra_metadata, total_charge)
     meta["min_distance"] = float(MIN_DISTANCE)
+    masses = species_masses(meta["species"])
+    if masses is not None:
+        meta["masses"] = masses  # amu: LAMMPS checks the type masses against them (type order)
     setattr(wrapper, METADATA_ATTRIBUTE, "")  # a str attribute of the scripted top-level module
     scripted = torch.jit.script(wrapper)
     # the scripted module's state_dict: what the file holds (it includes buffers that are
