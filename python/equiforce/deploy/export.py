@@ -90,9 +90,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import FORMAT_VERSION, __version__
-from ..model.forces import edge_vectors, forces_virial_from_edge_grad
+from ..model.forces import edge_vectors, forces_virial_from_edge_grad, strain_virial
 from ..errors import ModelFileError
-from ..units import DTYPES, MIN_DISTANCE
+from ..units import DTYPES, MIN_DISTANCE, dtype_name
 from .ops import load_ops
 
 # files exported with fused kernels call torch.ops.equiforce.*: register them before any load
@@ -224,10 +224,11 @@ class ExportedHeadsPotential(nn.Module):
         grad_pos = grads[1]
         if grad_pos is not None:
             forces = forces - grad_pos
-            virial = virial - pos.detach().transpose(0, 1) @ grad_pos
         grad_cell = grads[2]
+        grad_cells: Optional[Tensor] = None
         if grad_cell is not None:
-            virial = virial - cell.detach().transpose(0, 1) @ grad_cell
+            grad_cells = grad_cell.unsqueeze(0)
+        virial = virial + strain_virial(pos.detach(), cell.detach().unsqueeze(0), grad_pos, grad_cells, batch, 1)[0]
         if self.direct_forces:
             forces = out["forces"]
         return energy.detach(), atom_energy.detach(), forces.detach(), virial.detach()
@@ -297,7 +298,7 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
         "num_layers": int(energy_model.num_layers),
         # distance over which an atom's energy depends on others: the ghost shell LAMMPS needs
         "receptive_field": float(energy_model.r_max) * int(energy_model.num_layers),
-        "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
+        "dtype": dtype_name(dtype),
         "symmetry": symmetry,
         "units": {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom", "virial": "eV"},
         "signature": "(pos, species, edge_index, edge_shift, cell, n_local) -> (energy, per_atom_energy, forces, virial)",

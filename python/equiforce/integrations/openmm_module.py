@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..data.neighbors import _vesin_box  # vesin's box, or None where vesin 0.6.2 must not run
 from ..data.neighbors import neighbor_list
-from ..units import EV_TO_KJ_PER_MOL, MIN_DISTANCE, NM_TO_ANGSTROM
+from ..units import EV_TO_KJ_PER_MOL, MIN_DISTANCE, NM_TO_ANGSTROM, dtype_from_name
 
 # box vectors (nm) of an openmm.System whose periodic box was never set
 OPENMM_DEFAULT_BOX_NM = 2.0
@@ -96,7 +96,7 @@ class OpenMMPotential(nn.Module):
         self.check_min_distance = bool(check_min_distance)
         self.allow_default_box = bool(allow_default_box)
         self.default_box_nm = OPENMM_DEFAULT_BOX_NM
-        dtype = {"float32": torch.float32, "float64": torch.float64}[metadata["dtype"]]
+        dtype = dtype_from_name(metadata["dtype"])
         self.model = model
         self.register_buffer("species", species.to(torch.long).clone())
         self.register_buffer("atoms", torch.tensor(atoms if atoms is not None else [], dtype=torch.long))
