@@ -36,6 +36,8 @@
 
 #include "equiforce_layers.h"  // equiforce::LayerStepper (libtorch)
 #include "equiforce_model.h"   // equiforce::Model, equiforce::Result (libtorch)
+#include "atom.h"
+#include "neigh_list.h"
 #include "pair.h"
 
 namespace LAMMPS_NS {
@@ -67,7 +69,26 @@ class PairEquiforce : public Pair {
   void warn_blas(const torch::Device &device);
   void log_model(const char *file, const torch::Device &device);
   void check_masses();        // error->all when a type's mass is not its element's (type order mix-up)
-  void check_min_distance();  // error->one naming the two atoms closer than min_distance_
+  void check_min_distance();
+  // visit(i, j) for every local atom i of this style and each neighbour j (local or ghost) of this
+  // style closer than r_max: the edges (receiver i) the images and exchange paths start from
+  template <typename Visit> void for_each_local_edge(Visit &&visit) const {
+    double **x = atom->x;
+    const int *type = atom->type;
+    const int nlocal = atom->nlocal;
+    const double cutsq_model = r_max_ * r_max_;
+    for (int ii = 0; ii < list->inum; ii++) {
+      const int i = list->ilist[ii];
+      if (i >= nlocal || map[type[i]] < 0) continue;
+      const int *jlist = list->firstneigh[i];
+      for (int jj = 0; jj < list->numneigh[i]; jj++) {
+        const int j = jlist[jj] & NEIGHMASK;
+        if (map[type[j]] < 0) continue;
+        const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+        if (dx * dx + dy * dy + dz * dz < cutsq_model) visit(i, j);
+      }
+    }
+  }  // error->one naming the two atoms closer than min_distance_
   // init_style() steps
   void choose_path();
   void log_path();

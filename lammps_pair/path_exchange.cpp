@@ -46,31 +46,17 @@ void PairEquiforce::compute_exchange() {
   int *type = atom->type;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
-  const double cutsq_model = r_max_ * r_max_;
 
   // edges (local receiver i, neighbour j) within r_max, LAMMPS indices
   std::vector<int64_t> src, dst;  // dst = receiver (edge_index[0]), src = neighbour (edge_index[1])
-  const int inum = list->inum;
-  int *ilist = list->ilist;
-  int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
-  dst.reserve(static_cast<size_t>(inum) * 48);
-  src.reserve(static_cast<size_t>(inum) * 48);
+  dst.reserve(static_cast<size_t>(list->inum) * 48);
+  src.reserve(static_cast<size_t>(list->inum) * 48);
   std::vector<char> used(nall - nlocal, 0);  // ghosts that neighbour a local atom
-  for (int ii = 0; ii < inum; ii++) {
-    const int i = ilist[ii];
-    if (i >= nlocal || map[type[i]] < 0) continue;
-    const int *jlist = firstneigh[i];
-    for (int jj = 0; jj < numneigh[i]; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (map[type[j]] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      dst.push_back(i);
-      src.push_back(j);
-      if (j >= nlocal) used[j - nlocal] = 1;
-    }
-  }
+  for_each_local_edge([&](int i, int j) {
+    dst.push_back(i);
+    src.push_back(j);
+    if (j >= nlocal) used[j - nlocal] = 1;
+  });
   const int64_t ne = static_cast<int64_t>(dst.size());
 
   // compact rows: this style's local atoms (LAMMPS order), then the ghosts within r_max of one

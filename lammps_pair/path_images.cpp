@@ -73,40 +73,25 @@ void PairEquiforce::image_edges(const std::vector<int> &compact, int row0,
                                 std::vector<int64_t> &edges, std::vector<double> &shifts,
                                 const std::string &missing) {
   double **x = atom->x;
-  int *type = atom->type;
   tagint *tag = atom->tag;
   const int nlocal = atom->nlocal;
-  const double cutsq_model = r_max_ * r_max_;
-  const int inum = list->inum;
-  int *ilist = list->ilist;
-  int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
   std::vector<int> ghost_row(atom->nghost, -1);
 
-  edges.reserve(static_cast<size_t>(inum) * 64);
-  shifts.reserve(static_cast<size_t>(inum) * 96);
-  for (int ii = 0; ii < inum; ii++) {
-    const int i = ilist[ii];
-    if (i >= nlocal || map[type[i]] < 0) continue;
-    const int *jlist = firstneigh[i];
-    for (int jj = 0; jj < numneigh[i]; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (map[type[j]] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      int row = j < nlocal ? row0 + compact[j] : ghost_row[j - nlocal];
-      if (row < 0) {
-        auto it = row_of_tag.find(tag[j]);
-        if (it == row_of_tag.end()) error->one(FLERR, missing, tag[j]);
-        row = ghost_row[j - nlocal] = it->second;
-      }
-      edges.push_back(row0 + compact[i]);
-      edges.push_back(row);
-      double s[3] = {x[j][0] - row_x[3 * row], x[j][1] - row_x[3 * row + 1], x[j][2] - row_x[3 * row + 2]};
-      if (j >= nlocal) lattice_shift(s);
-      shifts.insert(shifts.end(), s, s + 3);
+  edges.reserve(static_cast<size_t>(list->inum) * 64);
+  shifts.reserve(static_cast<size_t>(list->inum) * 96);
+  for_each_local_edge([&](int i, int j) {
+    int row = j < nlocal ? row0 + compact[j] : ghost_row[j - nlocal];
+    if (row < 0) {
+      auto it = row_of_tag.find(tag[j]);
+      if (it == row_of_tag.end()) error->one(FLERR, missing, tag[j]);
+      row = ghost_row[j - nlocal] = it->second;
     }
-  }
+    edges.push_back(row0 + compact[i]);
+    edges.push_back(row);
+    double s[3] = {x[j][0] - row_x[3 * row], x[j][1] - row_x[3 * row + 1], x[j][2] - row_x[3 * row + 2]};
+    if (j >= nlocal) lattice_shift(s);
+    shifts.insert(shifts.end(), s, s + 3);
+  });
 }
 
 /* ----------------------------------------------------------------------
