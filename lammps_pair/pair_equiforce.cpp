@@ -440,26 +440,17 @@ double PairEquiforce::init_one(int i, int j) {
 
 void PairEquiforce::check_min_distance() {
   double **x = atom->x;
-  int *type = atom->type;
   tagint *tag = atom->tag;
-  const int nlocal = atom->nlocal;
-  const double dmin2 = min_distance_ * min_distance_;
-  for (int ii = 0; ii < list->inum; ii++) {
-    const int i = list->ilist[ii];
-    if (i >= nlocal || map[type[i]] < 0) continue;
-    const int *jlist = list->firstneigh[i];
-    for (int jj = 0; jj < list->numneigh[i]; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (map[type[j]] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      const double r2 = dx * dx + dy * dy + dz * dz;
-      if (r2 < dmin2)
-        error->one(FLERR, "pair equiforce: atoms {} and {} are {:.4g} A apart at step {}, closer than the model's "
-                          "minimum distance {} A (metadata 'min_distance'); the model is not valid there. Fix the "
-                          "structure (overlapping or duplicated atoms?) or shorten the timestep",
-                   tag[i], tag[j], std::sqrt(r2), update->ntimestep, min_distance_);
-    }
-  }
+  const double dmin2 = min_distance_ * min_distance_;  // min_distance (0.5 A) < r_max: every such pair is an edge
+  for_each_local_edge([&](int i, int j) {
+    const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+    const double r2 = dx * dx + dy * dy + dz * dz;
+    if (r2 < dmin2)
+      error->one(FLERR, "pair equiforce: atoms {} and {} are {:.4g} A apart at step {}, closer than the model's "
+                        "minimum distance {} A (metadata 'min_distance'); the model is not valid there. Fix the "
+                        "structure (overlapping or duplicated atoms?) or shorten the timestep",
+                 tag[i], tag[j], std::sqrt(r2), update->ntimestep, min_distance_);
+  });
 }
 
 /* ---------------------------------------------------------------------- */
