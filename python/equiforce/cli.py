@@ -2,10 +2,11 @@
 
     equiforce train --data train.extxyz --out run/ [--config c.yaml] [flags overriding the YAML]
     equiforce train ... [--dipole direct|charges|both] [--direct-forces] [--rotation-augmentation] [--lmax 0]
+    equiforce train ... --polarizability [--polarizability-key KEY] [--polarizability-weight W]
     equiforce train --out run/ --resume [--epochs N] [--max-minutes M]
     equiforce export run/ -o model.pt [--dtype float64] [--checkpoint best|last]
     equiforce info model.pt
-    equiforce eval model.pt data.extxyz [--json]        (dipole MAE too, for dipole models)
+    equiforce eval model.pt data.extxyz [--json]        (dipole / polarizability MAE too, for such models)
     equiforce plot run/ [-o curves.png]
     equiforce check model.pt
     equiforce lammps-plugin-dir
@@ -69,6 +70,10 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--stress-key", "stress_key", str, "name of the stress label (stress)"),
     ("--dipole", "model.dipole", str, "dipole head: none, direct, charges or both (none); label --dipole-key"),
     ("--dipole-key", "dipole_key", str, "name of the dipole label in e·Å (dipole)"),
+    ("--polarizability-key", "polarizability_key", str,
+     "name of the polarizability label in e·Å²/V, 3x3 / 9 / 6 Voigt numbers (polarizability)"),
+    ("--polarizability-weight", "polarizability_weight", float,
+     "loss weight of the polarizability per 3x3 component, (e·Å²/V)^2 (1)"),
     ("--charge-key", "charge_key", str, "name of a structure's total charge label in e (charge; 0 when absent)"),
     ("--optimizer", "optimizer", str, "adam or adamw (adam)"),
     ("--weight-decay", "weight_decay", float, "weight decay of the optimiser (0)"),
@@ -101,6 +106,8 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
 TRAIN_SWITCHES: List[Tuple[str, str, str]] = [
     ("--direct-forces", "model.direct_forces", "forces from a per-atom l=1 head, not -dE/dr (non-conservative baseline)"),
     ("--rotation-augmentation", "rotation_augmentation", "rotate every training structure randomly"),
+    ("--polarizability", "model.polarizability",
+     "polarizability head: symmetric 3x3 (e·Å²/V) from l = 0 + 2 outputs; label --polarizability-key"),
 ]
 
 
@@ -236,13 +243,15 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress-key", default="stress")
     p.add_argument("--dipole-key", default="dipole", help="dipole label (e·Å); MAE reported for dipole models")
     p.add_argument("--charge-key", default="charge", help="total-charge label (e); 0 when absent")
+    p.add_argument("--polarizability-key", default="polarizability",
+                   help="polarizability label (e·Å²/V); MAE reported for polarizability models")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .deploy.evaluate import evaluate_exported, format_metrics
 
     metrics = evaluate_exported(args.model, args.data, args.energy_key, args.forces_key, args.stress_key,
-                                args.dipole_key, args.charge_key)
+                                args.dipole_key, args.charge_key, args.polarizability_key)
     print(json.dumps(metrics, indent=1) if args.json else format_metrics(metrics))
     return 0
 

@@ -13,6 +13,12 @@ NM_TO_ANGSTROM = 10.0
 # Coulomb constant e^2 / (4 pi eps0) in eV·Å/e^2
 COULOMB_CONSTANT = 14.399645
 
+# Polarizability: equiforce uses e·Å²/V (dipole e·Å per field V/Å). The polarizability VOLUME
+# alpha / (4 pi eps0) in Å^3 is alpha[e·Å²/V] * COULOMB_CONSTANT; one atomic unit (bohr^3 as a
+# volume) is 0.529177210903^3 Å^3 = 0.148184711 Å^3.
+POLARIZABILITY_VOLUME_A3 = COULOMB_CONSTANT  # Å^3 per e·Å²/V
+BOHR3_IN_A3 = 0.529177210903 ** 3
+
 # model dtypes by the names used in configuration files and exported metadata
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

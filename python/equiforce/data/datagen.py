@@ -9,6 +9,9 @@ frame. Each frame stores the xTB energy and forces of exactly its positions:
 * ``atoms.info["energy"]``  -- total energy (eV)
 * ``atoms.arrays["forces"]`` -- forces (eV/Å), ``-dE/dpos``
 * ``atoms.info["stress"]``  -- only with ``box_A`` (periodic): stress (eV/Å^3, ASE convention)
+* ``atoms.info["dipole"]``  -- only with ``dipole``: GFN2-xTB dipole (e·Å)
+* ``atoms.info["polarizability"]`` -- only with ``polarizability`` (molecules): the GFN2-xTB static
+  polarizability [3, 3] in e·Å²/V by finite fields (:func:`finite_field_polarizability`)
 
 ASE's extxyz reader moves these standard names into a ``SinglePointCalculator``
 (``atoms.get_potential_energy()``, ``atoms.get_forces()``); :mod:`equiforce.data.dataset` finds them there.
@@ -106,7 +109,7 @@ def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperat
                        seed: int = 0, timestep_fs: float = 0.5, stride: int = 40,
                        equilibration_steps: int = 400, friction_per_fs: float = 0.01,
                        box_A: Optional[float] = None, isolated_atoms: bool = False,
-                       dipole: bool = False) -> Dict[str, Any]:
+                       dipole: bool = False, polarizability: bool = False) -> Dict[str, Any]:
     """The validated parameter set that identifies one data set (stored next to the file)."""
     checks = [
         (isinstance(n_frames, int) and n_frames >= 1, f"n_frames must be an integer >= 1 (got {n_frames!r})"),
@@ -116,6 +119,9 @@ def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperat
         (isinstance(equilibration_steps, int) and equilibration_steps >= 0,
          f"equilibration_steps must be an integer >= 0 (got {equilibration_steps!r})"),
         (friction_per_fs > 0, f"friction_per_fs must be positive (got {friction_per_fs})"),
+        (not (polarizability and box_A is not None),
+         "polarizability labels need an isolated molecule (a uniform field in a periodic box is not a "
+         "finite-field polarizability); drop --box or --polarizability"),
     ]
     for ok, message in checks:
         if not ok:
@@ -149,6 +155,9 @@ def dataset_parameters(molecule: str = "CH3CH2OH", n_frames: int = 300, temperat
     }
     if dipole:  # only when asked, so the identity (and cache) of existing data sets is unchanged
         params["dipole"] = True
+    if polarizability:
+        params["polarizability"] = True
+        params["polarizability_field_step"] = FIELD_STEP
     return params
 
 
@@ -228,7 +237,52 @@ def check_structure(atoms, where: str) -> None:
                                "(overlapping atoms); fix the structure file")
 
 
-def label_structure(atoms, periodic: bool, dipole: bool = False):
+# finite-field step (V/Å) of the polarizability labels: 0.02 V/Å = 3.9e-4 atomic units. Measured on
+# H2O and H2CO (GFN2-xTB, LABEL_ACCURACY): every component changes by < 2e-5 relative between steps
+# 0.005 and 0.04 V/Å (central differences: O(h^2) hyperpolarisability error); ~40 ms per tensor.
+FIELD_STEP = 0.02
+
+
+def dipole_in_field(atoms, field_V_per_A, accuracy: float = LABEL_ACCURACY) -> "np.ndarray":
+    """GFN2-xTB dipole [3] (e·Å) of a neutral molecule in a uniform electric field [3] (V/Å).
+
+    Through tblite's API calculator (``tblite.interface.Calculator``, positions in bohr, settings
+    as its ASE calculator: ``accuracy``, 300 K electronic temperature). The field is handed over as
+    a C array: tblite 0.8.0's ASE ``electric_field`` keyword passes a numpy array to cffi and fails
+    ("initializer for ctype 'double *' must be a cdata pointer")."""
+    import numpy as np
+    from ase.units import Bohr, Hartree, kB
+
+    _tblite_calculator()  # the import check and the thread setting
+    from tblite.interface import Calculator
+    from tblite.library import ffi
+
+    calc = Calculator("GFN2-xTB", atoms.numbers, atoms.positions / Bohr)
+    calc.set("accuracy", accuracy)
+    calc.set("temperature", 300.0 * kB / Hartree)
+    calc.set("verbosity", 0)
+    field_au = np.asarray(field_V_per_A, dtype=np.float64) * Bohr / Hartree  # Hartree/(e·bohr)
+    field_c = ffi.new("double[3]", [float(x) for x in field_au])
+    calc.add("electric-field", field_c)
+    res = calc.singlepoint()
+    return np.asarray(res.get("dipole"), dtype=np.float64) * Bohr
+
+
+def finite_field_polarizability(atoms, field_step: float = FIELD_STEP) -> "np.ndarray":
+    """GFN2-xTB static polarizability [3, 3] (e·Å²/V, symmetrised) of a molecule by central
+    differences of the dipole in a uniform field (:func:`dipole_in_field`):
+    ``alpha_ij = (mu_i(+h e_j) - mu_i(-h e_j)) / 2h``, ``h = field_step`` V/Å. Six SCF runs."""
+    import numpy as np
+
+    alpha = np.zeros((3, 3))
+    for j in range(3):
+        field = np.zeros(3)
+        field[j] = field_step
+        alpha[:, j] = (dipole_in_field(atoms, field) - dipole_in_field(atoms, -field)) / (2.0 * field_step)
+    return 0.5 * (alpha + alpha.T)
+
+
+def label_structure(atoms, periodic: bool, dipole: bool = False, polarizability: bool = False):
     """A copy of ``atoms`` carrying GFN2-xTB energy/forces (and stress) as plain info/arrays.
 
     ``dipole=True`` also stores ``info["dipole"]``: the GFN2-xTB dipole moment [3] in e·Å (tblite's
@@ -252,6 +306,8 @@ def label_structure(atoms, periodic: bool, dipole: bool = False):
         if key in frame.arrays:
             del frame.arrays[key]
     frame.info = {"energy": energy}
+    if polarizability:
+        frame.info["polarizability"] = finite_field_polarizability(frame)
     if stress is not None:
         frame.info["stress"] = stress
     if mu is not None:
@@ -313,7 +369,8 @@ def run_md_frames(params: Dict[str, Any], molecule: str, box_A: Optional[float],
     t0 = time.perf_counter()
     for k in range(params["n_frames"]):
         dyn.run(params["stride"])
-        frames.append(label_structure(atoms, periodic, dipole=bool(params.get("dipole", False))))
+        frames.append(label_structure(atoms, periodic, dipole=bool(params.get("dipole", False)),
+                                      polarizability=bool(params.get("polarizability", False))))
         if progress and (k + 1) % max(1, params["n_frames"] // 10) == 0:
             print(f"  datagen: {k + 1}/{params['n_frames']} frames ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
@@ -324,7 +381,7 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
                     seed: int = 0, out: Optional[str] = None, *, timestep_fs: float = 0.5, stride: int = 40,
                     equilibration_steps: int = 400, friction_per_fs: float = 0.01,
                     box_A: Optional[float] = None, isolated_atoms: bool = False, dipole: bool = False,
-                    cache_dir: str = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = False) -> str:
+                    polarizability: bool = False, cache_dir: str = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = False) -> str:
     """Generate (or reuse) an xTB-labelled MD data set and return the extxyz path.
 
     molecule: name for ``ase.build.molecule`` or a structure file. n_frames: frames kept, one every
@@ -332,14 +389,15 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
     temperature (K), friction ``friction_per_fs`` (1/fs). box_A: edge (Å) of a cubic periodic box
     around the molecule (adds stress labels), None for an isolated molecule. isolated_atoms: append
     one labelled single-atom frame per element (:func:`isolated_atom_frames`). dipole: also store the
-    GFN2-xTB dipole (``info["dipole"]``, e·Å). out: destination
+    GFN2-xTB dipole (``info["dipole"]``, e·Å). polarizability: also store the GFN2-xTB finite-field
+    polarizability (``info["polarizability"]``, e·Å²/V; molecules only). out: destination
     (default under ``cache_dir``); reused when its ``.json`` sidecar records the same parameters,
     unless ``force``. An existing ``out`` that this command did not write (no sidecar) is refused
     unless ``force``; a directory, device, pipe or link at ``out`` is always refused
     (:func:`check_output`), and so is a structure GFN2-xTB cannot label (:func:`check_structure`).
     """
     params = dataset_parameters(molecule, n_frames, temperature_K, seed, timestep_fs, stride,
-                                equilibration_steps, friction_per_fs, box_A, isolated_atoms, dipole)
+                                equilibration_steps, friction_per_fs, box_A, isolated_atoms, dipole, polarizability)
     out = out or default_path(params, cache_dir)
     check_output(out, force)  # before the MD: never replace a user's file, fail fast on a bad -o
     if not force and _cached(out, params):
@@ -353,6 +411,9 @@ def make_md_dataset(molecule: str = "CH3CH2OH", n_frames: int = 300, temperature
         if dipole:
             for ref in references:
                 ref.info["dipole"] = [0.0, 0.0, 0.0]
+        if polarizability:
+            for ref in references:
+                ref.info["polarizability"] = finite_field_polarizability(ref)
         frames += references
     seconds = time.perf_counter() - t0
     check_output(out, force)  # again: the MD took a while, something may have appeared at out
@@ -418,6 +479,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                    help="append one labelled isolated-atom frame per element (config_type=IsolatedAtom); "
                         "`equiforce train` takes their energies as the species reference energies")
     p.add_argument("--dipole", action="store_true", help="also store the GFN2-xTB dipole moment (info 'dipole', e·Å)")
+    p.add_argument("--polarizability", action="store_true",
+                   help="also store the GFN2-xTB static polarizability by finite fields (info 'polarizability', "
+                        "3x3 e·Å²/V; 6 extra SCF runs per frame; molecules only)")
     p.add_argument("-o", "--out", default=None, help=f"output extxyz (default: under {DEFAULT_CACHE_DIR}/)")
     p.add_argument("--force", action="store_true",
                    help="regenerate even when a cached file matches, and replace an existing -o file that "
@@ -432,7 +496,8 @@ def run_from_args(args: argparse.Namespace) -> str:
     path = make_md_dataset(args.molecule, args.frames, args.temperature, args.seed, args.out,
                            timestep_fs=args.timestep, stride=args.stride, equilibration_steps=args.equilibration,
                            friction_per_fs=args.friction, box_A=args.box, isolated_atoms=args.isolated_atoms,
-                           dipole=bool(getattr(args, "dipole", False)), force=args.force,
+                           dipole=bool(getattr(args, "dipole", False)),
+                           polarizability=bool(getattr(args, "polarizability", False)), force=args.force,
                            progress=not args.quiet)
     if not args.quiet:
         print(f"datagen: {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -12,6 +12,13 @@ Where labels are looked up (``energy_key``, ``forces_key``, ``stress_key``; defa
 Optional per-structure labels for the dipole head (:mod:`equiforce.nn.heads`): ``dipole_key``
 (default ``"dipole"``, 3 numbers in e·Å, ASE's unit; structures without it are masked out of the
 dipole loss) and ``charge_key`` (default ``"charge"``, the total charge in e; 0 when absent).
+For the polarizability head: ``polarizability_key`` (default ``"polarizability"``), the static
+polarizability tensor in e·Å²/V (= (e·Å) per (V/Å): dipole change per applied field), symmetric,
+given as 3x3, 9 numbers (row-major) or 6 Voigt numbers (xx, yy, zz, yz, xz, xy); structures without
+it are masked out of the polarizability loss. Polarizability volumes in Å^3 (the usual tabulated
+unit) convert as ``alpha[e·Å²/V] = alpha[Å^3] / 14.399645`` (4 pi eps0 = 1 / 14.399645 e/(V·Å)),
+atomic units as ``alpha[e·Å²/V] = alpha[bohr^3] * 0.148184711 / 14.399645``
+(:data:`equiforce.units.POLARIZABILITY_VOLUME_A3`).
 
 Energy and forces are required for every structure; stress is optional per structure (a mask
 marks the structures that have it). Stress is in the ASE convention (eV/Å^3, ``stress =
@@ -23,7 +30,7 @@ A graph (one structure) is a dict of tensors, kept in float64 until :func:`colla
     edge_shift [E, 3] Å, cell [3, 3] Å (rows; zeros when not periodic), pbc [3] bool,
     energy [] eV, forces [n, 3] eV/Å, stress [3, 3] eV/Å^3 (zeros when absent),
     has_stress [] bool, natoms [] int64, dipole [3] e·Å (zeros when absent), has_dipole [] bool,
-    total_charge [] e
+    total_charge [] e, polarizability [3, 3] e·Å²/V (zeros when absent), has_polarizability [] bool
 """
 import math
 import os
@@ -156,6 +163,32 @@ def extract_dipole(atoms, index: int, path: str, dipole_key: str = "dipole") -> 
     return value.reshape(3)
 
 
+def extract_polarizability(atoms, index: int, path: str,
+                           polarizability_key: str = "polarizability") -> Optional[np.ndarray]:
+    """Polarizability label [3, 3] (e·Å²/V, symmetric) of one structure, or None when it has none.
+    Accepts 3x3, 9 numbers (row-major) or 6 Voigt numbers (xx, yy, zz, yz, xz, xy)."""
+    where = f"'{path}' structure {index}"
+    value = _lookup(atoms, polarizability_key, per_atom=False, where=where)
+    if value is None:
+        return None
+    v = value.reshape(-1)
+    if v.size not in (6, 9):
+        raise DataError(f"{where}: polarizability '{polarizability_key}' must have 9 (3x3) or 6 (Voigt xx yy zz yz "
+                        f"xz xy) numbers in e·Å²/V, got {v.size}")
+    if not np.all(np.isfinite(v)):
+        raise DataError(f"{where}: polarizability '{polarizability_key}' contains non-finite values (NaN or inf); "
+                        "fix or remove the label")
+    if v.size == 6:
+        xx, yy, zz, yz, xz, xy = v
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    a = v.reshape(3, 3)
+    asym = float(np.abs(a - a.T).max())
+    if asym > 1e-6 * max(1.0, float(np.abs(a).max())):
+        raise DataError(f"{where}: polarizability '{polarizability_key}' is not symmetric (|a - a^T| up to {asym:.3g}); "
+                        "a static polarizability is a symmetric tensor: give (a + a^T) / 2 or the 6 Voigt numbers")
+    return 0.5 * (a + a.T)
+
+
 def extract_total_charge(atoms, index: int, path: str, charge_key: str = "charge") -> float:
     """Total charge (e) of one structure from ``atoms.info[charge_key]``; 0 when absent."""
     value = atoms.info.get(charge_key)
@@ -212,6 +245,7 @@ def atoms_to_graph(atoms, species_names: Sequence[str], r_max: float, where: str
         "stress": torch.zeros((3, 3), dtype=torch.float64), "has_stress": torch.tensor(False),
         "dipole": torch.zeros(3, dtype=torch.float64), "has_dipole": torch.tensor(False),
         "total_charge": torch.tensor(0.0, dtype=torch.float64),
+        "polarizability": torch.zeros((3, 3), dtype=torch.float64), "has_polarizability": torch.tensor(False),
     }
     if labels is not None:
         energy, forces, stress = labels
@@ -247,7 +281,8 @@ def min_distance_message(pair: Tuple[int, int, float], min_distance: float) -> s
 def load_dataset(path: str, r_max: float, species_names: Optional[Sequence[str]] = None,
                  energy_key: str = "energy", forces_key: str = "forces",
                  stress_key: str = "stress", dipole_key: str = "dipole",
-                 charge_key: str = "charge") -> Tuple[List[Graph], List[str]]:
+                 charge_key: str = "charge",
+                 polarizability_key: str = "polarizability") -> Tuple[List[Graph], List[str]]:
     """Read ``path`` and build labelled graphs. ``species_names`` defaults to the elements in the data
     (sorted by atomic number). Returns ``(graphs, species_names)``. A structure with two atoms closer
     than :data:`equiforce.units.MIN_DISTANCE` (within ``r_max``) is refused (DataError naming the
@@ -268,6 +303,10 @@ def load_dataset(path: str, r_max: float, species_names: Optional[Sequence[str]]
             g["dipole"] = torch.tensor(dipole, dtype=torch.float64)
             g["has_dipole"] = torch.tensor(True)
         g["total_charge"] = torch.tensor(extract_total_charge(atoms, k, path, charge_key), dtype=torch.float64)
+        alpha = extract_polarizability(atoms, k, path, polarizability_key)
+        if alpha is not None:
+            g["polarizability"] = torch.tensor(alpha, dtype=torch.float64)
+            g["has_polarizability"] = torch.tensor(True)
         graphs.append(g)
     return graphs, names
 
@@ -323,6 +362,9 @@ def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64,
         "dipole": torch.stack([g.get("dipole", torch.zeros(3, dtype=torch.float64)) for g in graphs]),
         "has_dipole": torch.stack([g.get("has_dipole", torch.tensor(False)) for g in graphs]),
         "total_charge": torch.stack([g.get("total_charge", torch.tensor(0.0, dtype=torch.float64)) for g in graphs]),
+        "polarizability": torch.stack([g.get("polarizability", torch.zeros((3, 3), dtype=torch.float64))
+                                       for g in graphs]),
+        "has_polarizability": torch.stack([g.get("has_polarizability", torch.tensor(False)) for g in graphs]),
     }
     for k, v in list(out.items()):
         assert isinstance(v, Tensor)

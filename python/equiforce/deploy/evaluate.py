@@ -13,20 +13,24 @@ Metrics (keys of the returned dict):
 * ``n_structures``
 * ``dipole_mae_e_a``: mean over the Cartesian components of the structures with a dipole label
   (e·Å), only when the model has a dipole head (``metadata["outputs"]``) and the data dipoles
+* ``polarizability_mae_e_a2_per_v``: mean over the 9 components of the structures with a
+  polarizability label (e·Å²/V), only when the model has a polarizability head and the data labels
 """
 
 from typing import Dict, Optional
 
 import numpy as np
 
-from ..data.dataset import extract_dipole, extract_labels, extract_total_charge, read_structures
+from ..data.dataset import (extract_dipole, extract_labels, extract_polarizability, extract_total_charge,
+                            read_structures)
 from ..training.metrics import ErrorAccumulator, nan_to_none
 from .runner import ExportedRunner
 
 
 def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy", forces_key: str = "forces",
                       stress_key: str = "stress", dipole_key: str = "dipole",
-                      charge_key: str = "charge") -> Dict[str, Optional[float]]:
+                      charge_key: str = "charge",
+                      polarizability_key: str = "polarizability") -> Dict[str, Optional[float]]:
     """Run the exported file ``model_path`` on every structure of ``data_path``; see the module docstring."""
     runner = ExportedRunner(model_path, owner="equiforce eval")
     frames = read_structures(data_path)
@@ -49,10 +53,17 @@ def evaluate_exported(model_path: str, data_path: str, energy_key: str = "energy
             q = extract_total_charge(atoms, k, data_path, charge_key)
             dd = runner.dipole(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, pbc, q, where) \
                 - ref_dipole
-        acc.add_errors(np.array([(res.energy - energy) / len(atoms)]), res.forces - forces, ds, dd)
+        ref_alpha = extract_polarizability(atoms, k, data_path, polarizability_key) \
+            if runner.has_polarizability else None
+        da = None
+        if ref_alpha is not None:
+            da = runner.polarizability(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, pbc, where) \
+                - ref_alpha
+        acc.add_errors(np.array([(res.energy - energy) / len(atoms)]), res.forces - forces, ds, dd, da)
     out = nan_to_none(acc.metrics())
-    if out["dipole_mae_e_a"] is None:
-        del out["dipole_mae_e_a"]
+    for key in ("dipole_mae_e_a", "polarizability_mae_e_a2_per_v"):
+        if out[key] is None:
+            del out[key]
     out["n_structures"] = len(frames)
     return out
 
@@ -67,4 +78,6 @@ def format_metrics(metrics: Dict[str, Optional[float]]) -> str:
         lines.append(f"stress MAE        {metrics['stress_mae_mev_per_a3']:.4g} meV/Å^3")
     if metrics.get("dipole_mae_e_a") is not None:
         lines.append(f"dipole MAE        {metrics['dipole_mae_e_a']:.4g} e·Å")
+    if metrics.get("polarizability_mae_e_a2_per_v") is not None:
+        lines.append(f"polarizability MAE {metrics['polarizability_mae_e_a2_per_v']:.4g} e·Å²/V")
     return "\n".join(lines)

@@ -34,7 +34,12 @@ head). A dipole model has one more method::
 
     dipole = module.dipole(pos, species, edge_index, edge_shift, cell, total_charge)   # [3] e·Å
 
-(``total_charge`` in e, a float; all atoms given count). ``metadata["outputs"]`` lists what the file
+(``total_charge`` in e, a float; all atoms given count). A polarizability model has::
+
+    alpha = module.polarizability(pos, species, edge_index, edge_shift, cell)   # [3, 3] e·Å²/V
+
+(symmetric; all atoms given count; ``metadata["units"]["polarizability"]`` = "e*Angstrom^2/V", times
+14.399645 for the polarizability volume in Å^3). ``metadata["outputs"]`` lists what the file
 provides, ``metadata["methods"]`` the extra methods and their signatures.
 
 Files of conservative short-range EquiforceModels also carry per-layer entry points
@@ -173,13 +178,14 @@ class ExportedLayeredPotential(LayerEntryPoints, ExportedPotential):
 class ExportedHeadsPotential(nn.Module):
     """Like :class:`ExportedPotential` for an :class:`equiforce.model.network.EquiforceModel` with heads:
     the same ``forward`` signature (direct-force models return the head's forces), plus
-    :meth:`dipole`."""
+    :meth:`dipole` and :meth:`polarizability`."""
 
     def __init__(self, model: nn.Module, total_charge: float = 0.0):
         super().__init__()
         self.energy_model = model
         self.direct_forces = bool(getattr(model, "direct_forces", False))
         self.has_dipole = bool(getattr(model, "has_dipole", False))
+        self.has_polarizability = bool(getattr(model, "has_polarizability", False))
         self.has_long_range = bool(getattr(model, "has_long_range", False))
         self.total_charge = float(total_charge)  # e, the charge the long-range model's charges add up to
 
@@ -247,6 +253,21 @@ class ExportedHeadsPotential(nn.Module):
             out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q, cell.unsqueeze(0))
         return out["dipole"][0]
 
+    @torch.jit.export
+    def polarizability(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+                       cell: Tensor) -> Tensor:
+        """Polarizability [3, 3] (e·Å²/V, symmetric) of the structure (all atoms given)."""
+        if not self.has_polarizability:
+            raise RuntimeError("this model has no polarizability head (it was trained with "
+                               "model.polarizability = false)")
+        n = pos.shape[0]
+        edge_vec = edge_vectors(pos, edge_index, edge_shift)
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+        q = torch.zeros(1, dtype=pos.dtype, device=pos.device)
+        with torch.no_grad():
+            out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q, cell.unsqueeze(0))
+        return out["polarizability"][0]
+
 
 class ExportedLayeredHeadsPotential(LayerEntryPoints, ExportedHeadsPotential):
     """:class:`ExportedHeadsPotential` of a conservative short-range model with heads (a dipole
@@ -282,7 +303,7 @@ def exported_wrapper(model: nn.Module, total_charge: float = 0.0) -> nn.Module:
 def has_heads(model: nn.Module) -> bool:
     """True for a model whose export needs :class:`ExportedHeadsPotential`."""
     return bool(getattr(model, "direct_forces", False)) or bool(getattr(model, "has_dipole", False)) \
-        or bool(getattr(model, "has_long_range", False))
+        or bool(getattr(model, "has_long_range", False)) or bool(getattr(model, "has_polarizability", False))
 
 
 def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = "none",
@@ -314,6 +335,11 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
         meta["units"]["dipole"] = "e*Angstrom"
         meta.setdefault("methods", {})["dipole"] = \
             "(pos, species, edge_index, edge_shift, cell, total_charge: float) -> dipole[3]"
+    if bool(getattr(energy_model, "has_polarizability", False)):
+        meta["outputs"].append("polarizability")
+        meta["units"]["polarizability"] = "e*Angstrom^2/V"
+        meta.setdefault("methods", {})["polarizability"] = \
+            "(pos, species, edge_index, edge_shift, cell) -> polarizability[3, 3]"
     if bool(getattr(energy_model, "has_long_range", False)):
         from ..nn.electrostatics import K_E, ewald_parameters
         el = energy_model.electrostatics
@@ -461,6 +487,10 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
             a, b = wrapper.dipole(*args[:5]), scripted.dipole(*args[:5])
             if float((a - b).abs().max()) > tol * max(1.0, float(a.abs().max())):
                 raise RuntimeError("export check failed: scripted and eager dipole differ")
+        if isinstance(wrapper, ExportedHeadsPotential) and wrapper.has_polarizability:
+            a, b = wrapper.polarizability(*args[:5]), scripted.polarizability(*args[:5])
+            if float((a - b).abs().max()) > tol * max(1.0, float(a.abs().max())):
+                raise RuntimeError("export check failed: scripted and eager polarizability differ")
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: text})
     write_atomic(path, buffer.getvalue())

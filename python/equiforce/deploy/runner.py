@@ -18,7 +18,7 @@
 * call the module with TorchScript's graph optimiser off (see :mod:`equiforce.deploy.export`).
 
 Units: positions and cell in Å, energy eV, forces eV/Å, virial eV (``stress = -virial / volume``),
-dipole e·Å. Errors are :class:`equiforce.errors.DataError` (a ``ValueError``), prefixed with
+dipole e·Å, polarizability e·Å²/V. Errors are :class:`equiforce.errors.DataError` (a ``ValueError``), prefixed with
 ``owner`` (e.g. ``"EquiforceCalculator"``) so a user sees which entry point refused.
 """
 from dataclasses import dataclass
@@ -90,6 +90,7 @@ class ExportedRunner:
         self.min_distance = float(meta.get("min_distance", MIN_DISTANCE))
         self.long_range: Optional[Dict] = meta.get("long_range")
         self.has_dipole = "dipole" in meta.get("outputs", [])
+        self.has_polarizability = "polarizability" in meta.get("outputs", [])
         self._index = {name: k for k, name in enumerate(self.species)}
 
     # ------------------------------------------------------------------ checks and inputs
@@ -194,3 +195,14 @@ class ExportedRunner:
             mu = self.module.dipole(x.pos, x.species, x.edge_index, x.edge_shift, x.cell, float(total_charge))
         return mu.detach().cpu().double().numpy().copy()
 
+    def polarizability(self, positions, symbols: Sequence[str], cell=None, pbc=(False, False, False),
+                       where: str = "this structure") -> np.ndarray:
+        """Polarizability [3, 3] (e·Å²/V, symmetric) of a file with a polarizability head
+        (translation invariant, so the reference point does not change it)."""
+        if not self.has_polarizability:
+            raise DataError(f"{self.owner}: '{self.path}' has no polarizability head (metadata outputs "
+                            f"{self.metadata.get('outputs')}); train with --polarizability to predict polarizabilities")
+        x = self.inputs(positions, symbols, cell, pbc, where)
+        with torch.jit.optimized_execution(False):
+            alpha = self.module.polarizability(x.pos, x.species, x.edge_index, x.edge_shift, x.cell)
+        return alpha.detach().cpu().double().numpy().copy()

@@ -7,6 +7,10 @@
 Units are ASE's: energy eV, forces eV/Å, stress eV/Å^3 (Voigt order xx, yy, zz, yz, xz, xy, sign
 ``stress = (1/V) dE/dstrain = -virial / V``). The cutoff, species and dtype come from the file's
 metadata; edges come from :func:`equiforce.data.neighbors.neighbor_list`.
+
+A file with a polarizability head also fills ``calc.results["polarizability"]`` ([3, 3], e·Å²/V,
+symmetric; times :data:`equiforce.units.POLARIZABILITY_VOLUME_A3` for Å^3) in every calculation
+(``calc.get_property("polarizability", atoms)``); it is one extra pass without gradients.
 """
 from typing import List, Sequence
 
@@ -42,6 +46,9 @@ class EquiforceCalculator(Calculator):
         self.species: List[str] = self.runner.species
         self.r_max = self.runner.r_max
         self.dtype = self.runner.dtype
+        if self.runner.has_polarizability:
+            # per instance: files without the head keep the class list
+            self.implemented_properties = list(self.implemented_properties) + ["polarizability"]
 
     def species_indices(self, symbols: Sequence[str]) -> torch.Tensor:
         """Model species index of every atom [N] int64; ValueError naming any unknown element."""
@@ -63,6 +70,9 @@ class EquiforceCalculator(Calculator):
             "energies": res.energies,
             "forces": res.forces,
         }
+        if self.runner.has_polarizability:
+            self.results["polarizability"] = self.runner.polarizability(
+                atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, pbc)
         if pbc.all():
             volume = abs(float(np.linalg.det(atoms.cell.array)))
             self.results["stress"] = full_3x3_to_voigt_6_stress(-res.virial / volume)

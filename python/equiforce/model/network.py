@@ -25,6 +25,12 @@ Extra outputs (:mod:`equiforce.nn.heads`, :meth:`EquiforceModel.predict`), chose
   ``long_range_damping`` Å). Such a model needs positions and the cell: use :meth:`predict` /
   :func:`equiforce.model.forces.model_outputs` (``forward`` raises). With a charge dipole head the same
   charges serve both.
+* ``polarizability``: a symmetric 3x3 polarizability per structure (e·Å²/V), the sum over atoms of
+  ``a0_i I + T(c_i)`` (:class:`equiforce.nn.heads.PolarizabilityHead`): ``a0_i`` isotropic (scalars,
+  scaled, plus a per-species atomic polarizability), ``c_i`` the five l=2 components of a ``C x 2e``
+  output block of the last layer, ``T`` the map of :mod:`equiforce.o3.cartesian`. Needs ``lmax >= 2``,
+  or ``lmax = 1`` with at least two layers (the l=2 block then comes from ``1o x 1o``); ``lmax = 0``
+  gives the invariant baseline (a tensor that does not turn with the molecule).
 * ``direct_forces``: forces predicted as a per-atom l=1 output ``F_i = scale[s_i] * v_i`` and trained
   directly on forces; NOT the gradient of the energy (non-conservative: curl != 0), the energy
   head stays for the energy.
@@ -35,7 +41,8 @@ run once per pair of reverse edges (:mod:`equiforce.nn.tensor_product`); same nu
 derivatives only, so training keeps them off.
 
 When a vector output is needed and ``lmax >= 1``, the last layer outputs ``C x 0e + C x 1o``
-(``1e`` in SE(3) mode), the vector block gated like in every other layer. With ``lmax = 0`` (the
+(``1e`` in SE(3) mode), the vector block gated like in every other layer; a polarizability head adds
+a ``C x 2e`` block after it. With ``lmax = 0`` (the
 invariant, distance-only baseline) the vector heads read the invariant scalars and their outputs
 are rotation-invariant (see :class:`equiforce.nn.heads.VectorHead`).
 """
@@ -50,7 +57,8 @@ from torch import Tensor, nn
 from ..errors import reject_unknown_keys
 from ..nn.activations import NormalizedSiLU
 from ..nn.gate import Gate
-from ..nn.heads import ChargeHead, VectorHead, charge_dipole, conserve_charge
+from ..nn.heads import (ChargeHead, PolarizabilityHead, VectorHead, charge_dipole, conserve_charge,
+                        polarizability_basis, polarizability_sum)
 from ..o3.irreps import Irreps, spherical_harmonics_irreps
 from ..nn.linear import Linear, SpeciesLinear
 from ..nn.electrostatics import Electrostatics
@@ -84,6 +92,7 @@ class ModelConfig:
     resnet: bool = True             # residual update when a layer's irreps in == out
     dipole: str = "none"            # dipole head: "none" | "direct" | "charges" | "both" (e·Å)
     direct_forces: bool = False     # forces from a per-atom l=1 head (non-conservative baseline)
+    polarizability: bool = False    # polarizability head: symmetric 3x3 per structure (e·Å²/V), 0e + 2e
     long_range: str = "none"        # "none" | "ewald": + electrostatics of learned charges
     long_range_accuracy: float = 1e-6   # relative Ewald accuracy (sets alpha and k_cut)
     long_range_cutoff: float = 10.0     # Ewald real-space cutoff (Å)
@@ -124,6 +133,11 @@ class ModelConfig:
             raise ValueError(f"dipole must be one of {DIPOLE_MODES}, got {self.dipole!r}")
         if not isinstance(self.direct_forces, bool):
             raise ValueError(f"direct_forces must be true or false, got {self.direct_forces!r}")
+        if not isinstance(self.polarizability, bool):
+            raise ValueError(f"polarizability must be true or false, got {self.polarizability!r}")
+        if self.polarizability and self.lmax == 1 and self.num_layers < 2:
+            raise ValueError("polarizability needs l=2 features: with lmax 1 the l=2 block comes from 1o x 1o, "
+                             "which needs num_layers >= 2; use lmax >= 2 or more layers")
         if self.long_range not in LONG_RANGE_MODES:
             raise ValueError(f"long_range must be one of {LONG_RANGE_MODES}, got {self.long_range!r}")
         if self.long_range != "none":
@@ -240,6 +254,11 @@ class EquiforceModel(nn.Module):
         vector_ir = (1, -1 if parity else 1)
         self.equivariant_vectors = config.lmax >= 1
         last = scalars + Irreps([(c, vector_ir)]) if needs_vectors and self.equivariant_vectors else scalars
+        # the polarizability's l=2 block (even under inversion: a true tensor) after the vectors
+        self.has_polarizability = bool(config.polarizability)
+        l2_start = last.dim
+        if self.has_polarizability and self.equivariant_vectors:
+            last = last + Irreps([(c, (2, 1))])
 
         self.embedding = nn.Embedding(s, c)
         nn.init.normal_(self.embedding.weight)
@@ -272,6 +291,14 @@ class EquiforceModel(nn.Module):
         if self.has_dipole or self.has_long_range:
             # e·Å per unit of network output; the trainer sets it to the RMS dipole component
             self.register_buffer("dipole_scale", torch.ones((), dtype=torch.float64))
+        self.polarizability_head = PolarizabilityHead(c, l2_start, self.equivariant_vectors) \
+            if self.has_polarizability else None
+        if self.has_polarizability:
+            # e·Å²/V per unit of network output and per-species atomic (isotropic) polarizabilities;
+            # the trainer fits both (set_polarizability_scale_shift); the l=2 basis [5, 3, 3]
+            self.register_buffer("polarizability_scale", torch.ones((), dtype=torch.float64))
+            self.register_buffer("polarizability_shift", torch.zeros(s, dtype=torch.float64))
+            self.register_buffer("polarizability_l2_basis", polarizability_basis(torch.float64))
         # True while training (parameters change); export freezes e_iso into `isolated_raw`
         self.online_isolated = True
         # inference kernels (use_fused_kernels): reverse edges share radial weights on the CPU
@@ -292,6 +319,19 @@ class EquiforceModel(nn.Module):
         if not value > 0:
             raise ValueError(f"dipole scale must be > 0 e·Å, got {value}")
         self.dipole_scale.fill_(float(value))
+
+    def set_polarizability_scale_shift(self, scale: float, shift: Tensor) -> None:
+        """e·Å²/V per unit of the polarizability head's output (> 0) and per-species isotropic atomic
+        polarizabilities [S] (e·Å²/V; the trainer fits them by least squares of tr(alpha)/3)."""
+        if not self.has_polarizability:
+            raise ValueError("this model has no polarizability head (model.polarizability = false)")
+        if not scale > 0:
+            raise ValueError(f"polarizability scale must be > 0 e·Å²/V, got {scale}")
+        s = len(self.species_names)
+        if shift.shape != (s,):
+            raise ValueError(f"polarizability shift must have shape ({s},)")
+        self.polarizability_scale.fill_(float(scale))
+        self.polarizability_shift.copy_(shift.to(self.polarizability_shift))
 
     def features(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tensor:
         """Output of the last interaction layer [N, dim]: ``C`` scalars first (then ``C`` vectors
@@ -389,7 +429,7 @@ class EquiforceModel(nn.Module):
         when configured, ``dipole`` [B, 3] (e·Å), ``charges`` [N] (e), ``direct_dipole`` /
         ``charge_dipole`` [B, 3] (the two parts of ``dipole`` in mode "both"), ``forces`` [N, 3]
         (eV/Å, the direct-force head; conservative forces are ``-dE/dpos``, see
-        :func:`equiforce.model.forces.model_outputs`).
+        :func:`equiforce.model.forces.model_outputs`), ``polarizability`` [B, 3, 3] (e·Å²/V, symmetric).
         """
         x = self.features(species, edge_index, edge_vec)
         raw = self.readout(x[:, :self.channels]).squeeze(-1)
@@ -429,6 +469,13 @@ class EquiforceModel(nn.Module):
         if force_head is not None:
             scale = self.scale.to(edge_vec.dtype)
             out["forces"] = force_head(x)[:, 0, :] * scale[species].unsqueeze(-1)
+        polarizability_head = self.polarizability_head
+        if polarizability_head is not None:
+            a0, l2 = polarizability_head(x)
+            p_scale = self.polarizability_scale.to(edge_vec.dtype)
+            a0 = a0 * p_scale + self.polarizability_shift.to(edge_vec.dtype)[species]
+            out["polarizability"] = polarizability_sum(a0, l2 * p_scale, batch, num_graphs,
+                                                       self.polarizability_l2_basis.to(edge_vec.dtype))
         return out
 
     def _atom_energy(self, raw: Tensor, species: Tensor, edge_vec: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ YAML layout (every key optional; the defaults are the values below)::
     stress_key: stress
     dipole_key: dipole        # dipole label (e·Å), used when model.dipole != none
     charge_key: charge        # total charge of a structure (e), default 0 when absent
+    polarizability_key: polarizability  # polarizability label (e·Å²/V; 3x3, 9 or 6 Voigt numbers),
+                              #   used when model.polarizability is true
     val_fraction: 0.1
     test_fraction: 0.0
     seed: 0
@@ -29,6 +31,7 @@ YAML layout (every key optional; the defaults are the values below)::
     forces_weight: 10.0       #   forces (eV/Å)^2,
     stress_weight: 1.0        #   stress (eV/Å^3)^2 on structures that have it
     dipole_weight: 1.0        #   dipole (e·Å)^2 per component, on structures that have it
+    polarizability_weight: 1.0  # polarizability (e·Å²/V)^2 per 3x3 component, on structures that have it
     rotation_augmentation: false  # rotate every training structure randomly each time it is used
     atomic_energies: null     # per-species shift: null = least squares of E on species counts;
                               #   or isolated-atom energies in eV, e.g. {H: -13.6, O: -2041.3}
@@ -44,6 +47,7 @@ YAML layout (every key optional; the defaults are the values below)::
       feature_parity: natural # natural (l with parity (-1)^l) | both (also 0o, 1e, ...: NequIP's parity: true)
       dipole: none            # none | direct | charges | both (dipole head, e·Å)
       direct_forces: false    # true: forces from a per-atom l=1 head (non-conservative baseline)
+      polarizability: false   # true: polarizability head (0e + 2e -> symmetric 3x3, e·Å²/V)
       long_range: none        # none | ewald: + electrostatics of learned charges (Ewald / Coulomb)
       long_range_accuracy: 1.0e-6  # relative Ewald accuracy
       long_range_cutoff: 10.0      # Ewald real-space cutoff (Å)
@@ -78,6 +82,7 @@ class TrainConfig:
     stress_key: str = "stress"
     dipole_key: str = "dipole"
     charge_key: str = "charge"
+    polarizability_key: str = "polarizability"
     val_fraction: float = 0.1
     test_fraction: float = 0.0
     seed: int = 0
@@ -98,6 +103,7 @@ class TrainConfig:
     forces_weight: float = 10.0
     stress_weight: float = 1.0
     dipole_weight: float = 1.0
+    polarizability_weight: float = 1.0
     rotation_augmentation: bool = False
     atomic_energies: Optional[Dict[str, float]] = None
     dtype: str = "float32"
@@ -158,7 +164,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "min_lr", "grad_clip", "energy_weight", "forces_weight", "stress_weight",
-                     "dipole_weight"):
+                     "dipole_weight", "polarizability_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.energy_weight == 0 and self.forces_weight == 0 and self.stress_weight == 0:

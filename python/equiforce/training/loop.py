@@ -12,9 +12,12 @@ Loss (weights from the config)::
 
 in eV/atom, eV/Å and eV/Å^3; the stress term covers only structures that have a stress label.
 Models with a dipole head (``model.dipole``) add ``w_mu mean (mu - mu^ref)^2`` (e·Å, per component,
-structures with a dipole label only). Direct-force models (``model.direct_forces``) use the head's
+structures with a dipole label only); polarizability models (``model.polarizability``) add
+``w_alpha mean (alpha - alpha^ref)^2`` (e·Å²/V, over the 9 components of the structures with a
+polarizability label). Direct-force models (``model.direct_forces``) use the head's
 forces in the force term instead of ``-dE/dr``. ``rotation_augmentation`` rotates every training
-batch by random rotations (one per structure; positions, forces, stress, dipole and cell alike)
+batch by random rotations (one per structure; positions, forces, stress, dipole, polarizability
+and cell alike)
 -- a no-op for exactly equivariant models, the way non-equivariant models learn the symmetry.
 Validation uses the EMA weights when ``ema_decay > 0``, and those are the weights exported; the
 training metrics of an epoch are accumulated batch by batch with the weights of that moment.
@@ -121,7 +124,8 @@ def isolated_atom_energies(graphs: Sequence[Graph], species: Sequence[str]) -> D
 # ---------------------------------------------------------------------------------------------
 def predict(model: nn.Module, batch: dict, create_graph: bool) -> Dict[str, Tensor]:
     """Energies [B] (eV), forces [N, 3] (eV/Å; the head's for direct-force models), ASE stress
-    [B, 3, 3] (eV/Å^3; 0 if not periodic) and, for dipole models, dipoles [B, 3] (e·Å)."""
+    [B, 3, 3] (eV/Å^3; 0 if not periodic) and, for dipole models, dipoles [B, 3] (e·Å), for
+    polarizability models polarizabilities [B, 3, 3] (e·Å²/V)."""
     with torch.enable_grad():
         out = model_outputs(model, batch["pos"], batch["species"], batch["edge_index"], batch["edge_shift"],
                             batch["batch"], batch["num_graphs"], create_graph=create_graph,
@@ -133,6 +137,8 @@ def predict(model: nn.Module, batch: dict, create_graph: bool) -> Dict[str, Tens
     pred = {"energy": out["energy"], "forces": out["forces"], "stress": stress}
     if "dipole" in out:
         pred["dipole"] = out["dipole"]
+    if "polarizability" in out:
+        pred["polarizability"] = out["polarizability"]
     return pred
 
 
@@ -150,7 +156,8 @@ def _long_range_cell(model: nn.Module, batch: dict) -> Optional[Tensor]:
 
 def rotate_batch(batch: dict, rotations: Tensor) -> dict:
     """A copy of ``batch`` with structure ``b`` rotated by ``rotations[b]`` [B, 3, 3] (row vectors:
-    ``r -> r R^T``): positions, edge shifts, cells, forces, dipoles and stress (``R S R^T``)."""
+    ``r -> r R^T``): positions, edge shifts, cells, forces, dipoles, stress and polarizabilities
+    (``R S R^T``)."""
     rot = rotations.to(batch["pos"].dtype)
     atom_rot = rot.index_select(0, batch["batch"])                                   # [N, 3, 3]
     edge_rot = atom_rot.index_select(0, batch["edge_index"][0])                      # [E, 3, 3]
@@ -162,6 +169,8 @@ def rotate_batch(batch: dict, rotations: Tensor) -> dict:
     out["stress"] = rot @ batch["stress"] @ rot.transpose(1, 2)
     if "dipole" in batch:
         out["dipole"] = torch.einsum("bij,bj->bi", rot, batch["dipole"])
+    if "polarizability" in batch:
+        out["polarizability"] = rot @ batch["polarizability"] @ rot.transpose(1, 2)
     return out
 
 
@@ -178,6 +187,10 @@ def batch_loss(pred: Dict[str, Tensor], batch: dict, config: TrainConfig) -> Ten
     if "dipole" in pred and config.dipole_weight > 0 and bool(batch["has_dipole"].any()):
         dd = pred["dipole"][batch["has_dipole"]] - batch["dipole"][batch["has_dipole"]]
         loss = loss + config.dipole_weight * (dd * dd).mean()
+    if "polarizability" in pred and config.polarizability_weight > 0 and bool(batch["has_polarizability"].any()):
+        m = batch["has_polarizability"]
+        da = pred["polarizability"][m] - batch["polarizability"][m]
+        loss = loss + config.polarizability_weight * (da * da).mean()
     return loss
 
 
@@ -228,7 +241,29 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
                             "or set model.dipole to none")
         rms = float(torch.sqrt((torch.stack(labelled) ** 2).mean()))
         model.set_dipole_scale(rms if rms > 0 else 1.0)
+    if config.model.polarizability:
+        scale, shift = fit_polarizability_scale_shift(train_graphs, len(species), config.polarizability_key)
+        model.set_polarizability_scale_shift(scale, shift)
     return model, config
+
+
+def fit_polarizability_scale_shift(graphs: Sequence[Graph], num_species: int, key: str) -> Tuple[float, Tensor]:
+    """``(scale, shift [S])`` (e·Å²/V) of the polarizability head from the labelled training graphs:
+    shift = per-species isotropic atomic polarizabilities, least squares of ``tr(alpha_b)/3`` on the
+    species counts (minimum-norm where the compositions do not determine it); scale = RMS of what
+    is left for the network, the 9 components of ``alpha_b - (sum_s count_bs shift_s) I`` (1 when 0)."""
+    labelled = [g for g in graphs if bool(g.get("has_polarizability", torch.tensor(False)))]
+    if not labelled:
+        raise DataError(f"model.polarizability is true but no training structure has a polarizability label '{key}'; "
+                        "add polarizabilities (e·Å²/V) to the data (e.g. `equiforce datagen --polarizability`) "
+                        "or set model.polarizability to false")
+    counts = np.stack([np.bincount(g["species"].numpy(), minlength=num_species) for g in labelled]).astype(float)
+    alphas = np.stack([g["polarizability"].numpy() for g in labelled])
+    iso = np.trace(alphas, axis1=1, axis2=2) / 3.0
+    shift = np.linalg.lstsq(counts, iso, rcond=None)[0]
+    rest = alphas - (counts @ shift)[:, None, None] * np.eye(3)
+    rms = float(np.sqrt((rest * rest).mean()))
+    return (rms if rms > 0 else 1.0), torch.tensor(shift, dtype=torch.float64)
 
 
 def _example_structure(g: Graph) -> Dict[str, Tensor]:
@@ -322,7 +357,8 @@ def _load_split(config: TrainConfig, state: Optional[dict], progress: bool):
     """Species, training and validation graphs and the split of a run (the saved split on resume)."""
     species = None if state is None else list(state["species"])
     graphs, species = load_dataset(config.data, config.model.r_max, species, config.energy_key,
-                                   config.forces_key, config.stress_key, config.dipole_key, config.charge_key)
+                                   config.forces_key, config.stress_key, config.dipole_key, config.charge_key,
+                                   config.polarizability_key)
     # single isolated atoms are reference energies (the species shifts), not training structures
     isolated = isolated_atom_energies(graphs, species)
     graphs = [g for g in graphs if not is_isolated_atom(g)]
@@ -542,6 +578,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         log(f"epoch {epoch:4d}  lr {lr:.3g}  loss {train_loss:.4g}/{val_loss:.4g}  "
             f"E {vm['energy_mae_mev_per_atom']:.3g} meV/atom  F {vm['force_mae_mev_per_a']:.3g} meV/A"
             + ("" if math.isnan(vm["dipole_mae_e_a"]) else f"  mu {vm['dipole_mae_e_a']:.3g} eA")
+            + ("" if math.isnan(vm["polarizability_mae_e_a2_per_v"])
+               else f"  alpha {vm['polarizability_mae_e_a2_per_v']:.3g} eA2/V")
             + ("  *" if improved else ""))
         if timed_out:
             stop_reason = "max_minutes"

@@ -7,6 +7,8 @@ Metrics (keys of :meth:`ErrorAccumulator.metrics`, :data:`METRIC_NAMES`):
 * ``force_mae_mev_per_a``, ``force_rmse_mev_per_a``: over all Cartesian force components (meV/Å)
 * ``stress_mae_mev_per_a3``: over the 9 components of the structures with a stress label (meV/Å^3)
 * ``dipole_mae_e_a``: over the Cartesian components of the structures with a dipole label (e·Å)
+* ``polarizability_mae_e_a2_per_v``: over the 9 components of the structures with a polarizability
+  label (e·Å²/V)
 
 A metric with no data is NaN. :class:`MetricsLog` writes them to a run's ``metrics.csv`` (one row
 per SAVED epoch: the row is written after the epoch's checkpoint). This module imports only numpy
@@ -20,7 +22,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 METRIC_NAMES = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_rmse_mev_per_a", "stress_mae_mev_per_a3",
-                "dipole_mae_e_a")
+                "dipole_mae_e_a", "polarizability_mae_e_a2_per_v")
 
 
 CSV_COLUMNS = (["epoch", "lr", "train_loss", "val_loss"] + [f"train_{m}" for m in METRIC_NAMES]
@@ -36,19 +38,20 @@ def _np(x) -> np.ndarray:
 
 class ErrorAccumulator:
     """Sums of absolute and squared errors per quantity (``energy`` per atom, ``forces``, ``stress``,
-    ``dipole`` components); gives the weighted MSE loss and the metrics."""
+    ``dipole`` components, ``polarizability`` components); gives the weighted MSE loss and the metrics."""
 
-    QUANTITIES = ("energy", "forces", "stress", "dipole")
+    QUANTITIES = ("energy", "forces", "stress", "dipole", "polarizability")
 
     def __init__(self) -> None:
         # quantity -> [number of values, sum |e|, sum e^2]
         self.sums: Dict[str, list] = {q: [0, 0.0, 0.0] for q in self.QUANTITIES}
 
-    def add_errors(self, energy_per_atom=None, forces=None, stress=None, dipole=None) -> None:
+    def add_errors(self, energy_per_atom=None, forces=None, stress=None, dipole=None, polarizability=None) -> None:
         """Add prediction-minus-reference errors: energy per atom [B] (eV/atom), force components
         (any shape, eV/Å), stress components of labelled structures (eV/Å^3), dipole components
-        of labelled structures (e·Å). ``None`` or empty adds nothing for that quantity."""
-        for q, err in zip(self.QUANTITIES, (energy_per_atom, forces, stress, dipole)):
+        of labelled structures (e·Å), polarizability components of labelled structures (e·Å²/V).
+        ``None`` or empty adds nothing for that quantity."""
+        for q, err in zip(self.QUANTITIES, (energy_per_atom, forces, stress, dipole, polarizability)):
             if err is None:
                 continue
             e = _np(err).ravel()
@@ -60,7 +63,7 @@ class ErrorAccumulator:
     def add(self, pred: Dict, batch: dict) -> None:
         """Add a training batch: ``pred`` and ``batch`` as in :func:`equiforce.training.loop.predict`
         (energy [B], forces [N, 3], stress [B, 3, 3] with mask ``has_stress``, dipole [B, 3] with mask
-        ``has_dipole``)."""
+        ``has_dipole``, polarizability [B, 3, 3] with mask ``has_polarizability``)."""
         de = (pred["energy"].detach() - batch["energy"]) / batch["natoms"].to(pred["energy"].dtype)
         df = pred["forces"].detach() - batch["forces"]
         mask = batch["has_stress"]
@@ -69,7 +72,11 @@ class ErrorAccumulator:
         if "dipole" in pred and "has_dipole" in batch and bool(batch["has_dipole"].any()):
             m = batch["has_dipole"]
             dd = pred["dipole"].detach()[m] - batch["dipole"][m]
-        self.add_errors(de, df, ds, dd)
+        da = None
+        if "polarizability" in pred and "has_polarizability" in batch and bool(batch["has_polarizability"].any()):
+            m = batch["has_polarizability"]
+            da = pred["polarizability"].detach()[m] - batch["polarizability"][m]
+        self.add_errors(de, df, ds, dd, da)
 
     def _mean(self, q: str, which: int) -> float:
         n = self.sums[q][0]
@@ -77,9 +84,11 @@ class ErrorAccumulator:
 
     def loss(self, config) -> float:
         """Weighted sum of the mean squared errors over everything added, with the weights
-        ``energy_weight``, ``forces_weight``, ``stress_weight``, ``dipole_weight`` of ``config``
+        ``energy_weight``, ``forces_weight``, ``stress_weight``, ``dipole_weight``,
+        ``polarizability_weight`` of ``config``
         (a :class:`equiforce.training.config.TrainConfig`); quantities with no data add nothing."""
-        weights = (config.energy_weight, config.forces_weight, config.stress_weight, config.dipole_weight)
+        weights = (config.energy_weight, config.forces_weight, config.stress_weight, config.dipole_weight,
+                   config.polarizability_weight)
         return sum(w * self._mean(q, 2) for q, w in zip(self.QUANTITIES, weights) if self.sums[q][0])
 
     def metrics(self) -> Dict[str, float]:
@@ -90,6 +99,7 @@ class ErrorAccumulator:
             "force_rmse_mev_per_a": 1000.0 * math.sqrt(self._mean("forces", 2)),
             "stress_mae_mev_per_a3": 1000.0 * self._mean("stress", 1),
             "dipole_mae_e_a": self._mean("dipole", 1),
+            "polarizability_mae_e_a2_per_v": self._mean("polarizability", 1),
         }
 
 
