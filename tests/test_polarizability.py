@@ -197,6 +197,11 @@ def test_export_runner_and_ase_calculator(tmp_path):
     moved.calc = EquiforceCalculator(path)
     moved.get_potential_energy()
     assert float(np.abs(moved.calc.results["polarizability"] - rot @ a_ase @ rot.T).max()) < 1e-10
+    # `equiforce check` audits the tensor too (rotations, translations, reflections)
+    from equiforce.deploy.audit import run_checks
+    _, checks = run_checks(path, n_atoms=6)
+    line = [c for c in checks if c.name == "polarizability R a R^T"]
+    assert line and all(c.passed for c in checks) and line[0].worst < 1e-10
     # a file without the head: a clear refusal, and ASE does not offer the property
     plain = helpers.make_model(SPECIES, 0, r_max=R_MAX, channels=4, lmax=1, num_layers=1, dipole="direct")
     plain_path = str(tmp_path / "dipole_only.pt")

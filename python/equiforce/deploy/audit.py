@@ -7,7 +7,9 @@ checks, with the worst error of each:
 * reflection: energy invariant (O(3) models only; SE(3) models may tell mirror images apart);
 * translation and permutation of atoms: energy invariant, forces follow;
 * periodic images: moving an atom by a lattice vector changes nothing;
-* conservative forces: forces equal finite differences of the energy along random displacements.
+* conservative forces: forces equal finite differences of the energy along random displacements;
+* polarizability (files with that head): ``alpha(R x + t) = R alpha(x) R^T`` for rotations and
+  translations, and for reflections too in O(3) models (a true tensor).
 
 A model that breaks a symmetry (a bug, or a hand-made module) fails the corresponding line.
 """
@@ -146,6 +148,15 @@ def run_checks(path: str, seed: int = 0, n_atoms: int = 8) -> Tuple[dict, List[C
                                applicable=conservative,
                                note="" if conservative else "not required (direct-force model: forces are not -dE/dr "
                                                             "by design; the error shows by how much)"))
+    if aud.runner.has_polarizability:
+        def alpha(x: np.ndarray) -> np.ndarray:
+            return aud.runner.polarizability(x, aud.runner.symbols(species))
+
+        a0 = alpha(pos)
+        mats = [random_rotation(rng) for _ in range(2)] + ([-random_rotation(rng)] if o3 else [])
+        worst = max(_rel(alpha(pos @ R.T + rng.normal(size=3)), R @ a0 @ R.T) for R in mats)
+        results.append(CheckResult("polarizability R a R^T", worst, tol,
+                                   note="" if o3 else "rotations only (SE3 model)"))
     return aud.meta, results
 
 
