@@ -262,6 +262,63 @@ def test_training_without_labels_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# GFN2-xTB finite-field labels
+# ---------------------------------------------------------------------------------------------
+def test_xtb_finite_field_labels_match_energy_second_derivatives_and_rotate():
+    """alpha from dipole derivatives (the labels) equals -d2E/dF_i dF_j from energies in fields
+    (an independent route through the same SCF) to 1e-4 relative, and the labels of a rotated
+    molecule are R alpha R^T to 1e-5 relative (SCF convergence); periodic boxes are refused."""
+    from ase.build import molecule as ase_molecule
+
+    from equiforce.data.datagen import dataset_parameters, finite_field_polarizability, singlepoint_in_field
+    from equiforce.errors import DatagenError
+
+    rng = np.random.default_rng(4)
+    atoms = ase_molecule("H2CO")
+    atoms.positions = atoms.positions @ random_rotation(rng).T  # all 9 components non-zero
+    alpha = finite_field_polarizability(atoms)
+    assert np.all(np.linalg.eigvalsh(alpha) > 0.01)  # positive definite, e·Å²/V
+    h = 0.05  # V/Å
+
+    def energy(fx, fy, fz):
+        return singlepoint_in_field(atoms, np.array([fx, fy, fz]))[0]
+
+    from_energy = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            ei, ej = np.eye(3)[i] * h, np.eye(3)[j] * h
+            from_energy[i, j] = -(energy(*(ei + ej)) - energy(*(ei - ej)) - energy(*(ej - ei))
+                                  + energy(*(-ei - ej))) / (4 * h * h)
+    assert np.abs(from_energy - alpha).max() < 1e-4 * np.abs(alpha).max(), (from_energy, alpha)
+    rot = random_rotation(rng)
+    turned = atoms.copy()
+    turned.positions = atoms.positions @ rot.T
+    assert np.abs(finite_field_polarizability(turned) - rot @ alpha @ rot.T).max() < 1e-5 * np.abs(alpha).max()
+    with pytest.raises(DatagenError, match="isolated molecule"):
+        dataset_parameters("H2O", 2, box_A=8.0, polarizability=True)
+
+
+def test_datagen_polarizability_labels_survive_extxyz(tmp_path):
+    """`equiforce datagen --polarizability`: every frame (isolated atoms too) carries a symmetric
+    3x3 label that load_dataset reads back unchanged from the extxyz file."""
+    import ase.io
+
+    from equiforce.cli import main as cli_main
+    from equiforce.data.dataset import load_dataset
+    from equiforce.data.datagen import finite_field_polarizability
+
+    out = str(tmp_path / "w.extxyz")
+    assert cli_main(["datagen", "--molecule", "H2O", "--frames", "2", "--stride", "2", "--equilibration", "0",
+                     "--isolated-atoms", "--polarizability", "--quiet", "-o", out]) == 0
+    graphs, species = load_dataset(out, 3.0)
+    assert species == ["H", "O"] and len(graphs) == 4 and all(bool(g["has_polarizability"]) for g in graphs)
+    frame = ase.io.read(out, index=0)
+    frame.calc = None
+    ref = finite_field_polarizability(frame)
+    assert float((graphs[0]["polarizability"] - torch.tensor(ref)).abs().max()) < 1e-6 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------------------------------------
 # training on GFN2-xTB finite-field polarizabilities
 # ---------------------------------------------------------------------------------------------
 def xtb_formaldehyde(path, n, seed):

@@ -244,7 +244,14 @@ FIELD_STEP = 0.02
 
 
 def dipole_in_field(atoms, field_V_per_A, accuracy: float = LABEL_ACCURACY) -> "np.ndarray":
-    """GFN2-xTB dipole [3] (e·Å) of a neutral molecule in a uniform electric field [3] (V/Å).
+    """GFN2-xTB dipole [3] (e·Å) of a neutral molecule in a uniform electric field [3] (V/Å)
+    (:func:`singlepoint_in_field`)."""
+    return singlepoint_in_field(atoms, field_V_per_A, accuracy)[1]
+
+
+def singlepoint_in_field(atoms, field_V_per_A, accuracy: float = LABEL_ACCURACY):
+    """``(energy eV, dipole [3] e·Å)`` of a neutral molecule in a uniform electric field [3] (V/Å)
+    with GFN2-xTB.
 
     Through tblite's API calculator (``tblite.interface.Calculator``, positions in bohr, settings
     as its ASE calculator: ``accuracy``, 300 K electronic temperature). The field is handed over as
@@ -265,7 +272,7 @@ def dipole_in_field(atoms, field_V_per_A, accuracy: float = LABEL_ACCURACY) -> "
     field_c = ffi.new("double[3]", [float(x) for x in field_au])
     calc.add("electric-field", field_c)
     res = calc.singlepoint()
-    return np.asarray(res.get("dipole"), dtype=np.float64) * Bohr
+    return float(res.get("energy")) * Hartree, np.asarray(res.get("dipole"), dtype=np.float64) * Bohr
 
 
 def finite_field_polarizability(atoms, field_step: float = FIELD_STEP) -> "np.ndarray":
