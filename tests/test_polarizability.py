@@ -378,3 +378,13 @@ def test_polarizability_training_learns_and_eval_reports_it(tmp_path, capsys):
     assert cli_main(["eval", model_path, val_path, "--json"]) == 0
     assert abs(json.loads(capsys.readouterr().out)["polarizability_mae_e_a2_per_v"] - mae) < 1e-9
     print(f"polarizability MAE {mae:.4g} e·Å²/V, predict-the-mean {baseline:.4g} e·Å²/V")
+
+
+def test_float32_training_does_not_round_the_l2_map():
+    """A float32 round trip (training in float32, exporting in float64) leaves the 5 -> 3x3 map
+    exact (it is re-derived after every cast), and checkpoints do not carry it."""
+    model = make_model().to(torch.float32)
+    assert model.polarizability_l2_basis.dtype == torch.float32
+    model = model.to(torch.float64)
+    assert torch.equal(model.polarizability_l2_basis, l2_basis())
+    assert not any("l2_basis" in k for k in model.state_dict())

@@ -36,13 +36,15 @@ def log(msg: str) -> None:
 
 
 def transform_frame(atoms, matrix: np.ndarray):
-    """A copy of a labelled frame with positions, forces and dipole mapped by ``matrix`` [3, 3]
+    """A copy of a labelled frame with positions, forces, dipole and polarizability mapped by ``matrix`` [3, 3]
     (a rotation, or a reflection for a mirror image); the energy is unchanged."""
     out = atoms.copy()
     out.positions = atoms.positions @ matrix.T
     out.arrays["forces"] = atoms.arrays["forces"] @ matrix.T
     if "dipole" in atoms.info:
         out.info["dipole"] = np.asarray(atoms.info["dipole"]) @ matrix.T
+    if "polarizability" in atoms.info:  # a true rank-2 tensor: M alpha M^T
+        out.info["polarizability"] = matrix @ np.asarray(atoms.info["polarizability"]).reshape(3, 3) @ matrix.T
     return out
 
 
@@ -116,6 +118,9 @@ class Exported:
 
     def dipole(self, atoms) -> np.ndarray:
         return self.runner.dipole(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, atoms.pbc, 0.0)
+
+    def polarizability(self, atoms) -> np.ndarray:
+        return self.runner.polarizability(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, atoms.pbc)
 
 
 def errors(model: Exported, frames: Sequence, dipole: bool = False) -> Dict[str, float]:

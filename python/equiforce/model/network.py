@@ -295,10 +295,13 @@ class EquiforceModel(nn.Module):
             if self.has_polarizability else None
         if self.has_polarizability:
             # e·Å²/V per unit of network output and per-species atomic (isotropic) polarizabilities;
-            # the trainer fits both (set_polarizability_scale_shift); the l=2 basis [5, 3, 3]
+            # the trainer fits both (set_polarizability_scale_shift)
             self.register_buffer("polarizability_scale", torch.ones((), dtype=torch.float64))
             self.register_buffer("polarizability_shift", torch.zeros(s, dtype=torch.float64))
-            self.register_buffer("polarizability_l2_basis", polarizability_basis(torch.float64))
+            # the l=2 basis [5, 3, 3]: not saved in checkpoints, and re-derived exactly after every
+            # dtype/device change (_apply), so a model trained in float32 and exported in float64
+            # does not keep a float32-rounded map (measured without this: R alpha R^T held to 2e-8)
+            self.register_buffer("polarizability_l2_basis", polarizability_basis(torch.float64), persistent=False)
         # True while training (parameters change); export freezes e_iso into `isolated_raw`
         self.online_isolated = True
         # inference kernels (use_fused_kernels): reverse edges share radial weights on the CPU
@@ -319,6 +322,16 @@ class EquiforceModel(nn.Module):
         if not value > 0:
             raise ValueError(f"dipole scale must be > 0 e·Å, got {value}")
         self.dipole_scale.fill_(float(value))
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (``.to``, ``.double()``, ``.cuda()``, ...), then the polarizability's l=2
+        basis re-derived in float64 and cast once to the new dtype and device (never a cast of a
+        rounded copy)."""
+        super()._apply(fn, recurse)
+        if getattr(self, "has_polarizability", False):
+            b = self.polarizability_l2_basis
+            self.polarizability_l2_basis = polarizability_basis(torch.float64).to(device=b.device, dtype=b.dtype)
+        return self
 
     def set_polarizability_scale_shift(self, scale: float, shift: Tensor) -> None:
         """e·Å²/V per unit of the polarizability head's output (> 0) and per-species isotropic atomic
