@@ -388,3 +388,68 @@ def test_float32_training_does_not_round_the_l2_map():
     model = model.to(torch.float64)
     assert torch.equal(model.polarizability_l2_basis, l2_basis())
     assert not any("l2_basis" in k for k in model.state_dict())
+
+
+@pytest.mark.lammps
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs,style", [(1, ""), (2, " path exchange")])
+def test_polarizability_model_runs_unchanged_in_lammps(tmp_path, nprocs, style):
+    """A file with the head (its last layer carries the extra 2e block) gives LAMMPS the same energy,
+    forces and virial as the exported module in Python: serial images and 2-rank exchange."""
+    from lammps_util import (Structure, deck, lammps_cell, parse_result, python_reference, read_dump, run_lmp,
+                             wrap, write_data)
+
+    model = helpers.make_model(["C", "Si"], 0, r_max=3.0, channels=4, lmax=2, num_layers=2, radial_hidden=8,
+                               avg_num_neighbors=6.0, polarizability=True, scale=[0.7, 1.3], shift=[-1.0, -2.0])
+    path = str(tmp_path / "polar.pt")
+    export_model(model.for_export(), path, torch.float64, symmetry="O3")
+    rng = np.random.default_rng(5)
+    g = np.arange(3) * 2.4
+    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.2 + rng.normal(0, 0.15, (27, 3))
+    cell = lammps_cell(7.2, 7.2, 7.2)
+    s = Structure(wrap(pos, cell), [["C", "Si"][k] for k in rng.integers(0, 2, 27)], cell, pbc=True)
+    data = str(tmp_path / "bulk.data")
+    write_data(data, s, ["C", "Si"])
+    ref = python_reference(path, s)
+    text = deck(data, path, ["C", "Si"], True, processors="2 1 1" if nprocs == 2 else "",
+                pair_style="pair_style equiforce device cpu" + style)
+    proc = run_lmp(text, str(tmp_path), nprocs=nprocs, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if nprocs == 2:
+        assert "exchange path (2 MPI rank(s), path exchange)" in proc.stdout
+    energy, press6 = parse_result(proc.stdout)
+    fr = read_dump(str(tmp_path / "dump.out"))[0]
+    forces = np.stack([fr["fx"], fr["fy"], fr["fz"]], 1)[np.argsort(fr["id"].astype(int))]
+    assert abs(energy - ref["energy"]) < 1e-9
+    assert np.abs(forces - ref["forces"][np.argsort(s.tags)]).max() < 1e-9
+    assert np.abs(press6 - ref["pressure6"]).max() < 1e-8 * max(1.0, np.abs(ref["pressure6"]).max())
+
+
+@pytest.mark.openmm
+def test_polarizability_model_runs_unchanged_in_openmm(tmp_path):
+    """OpenMM's TorchForce (forward only) gives the exported file's energy and forces, Reference platform."""
+    import openmm
+    import openmmtorch  # noqa: F401  (registers the TorchForce kernels)
+    from openmm import app, unit
+
+    from equiforce.deploy.runner import ExportedRunner
+    from equiforce.openmm import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, create_system
+
+    model = make_model()
+    path = str(tmp_path / "polar.pt")
+    export_model(model.for_export(), path, torch.float64, symmetry="O3")
+    pos, species = molecule(n=6)
+    symbols = [SPECIES[int(k)] for k in species]
+    top = app.Topology()
+    res = top.addResidue("MOL", top.addChain())
+    for s in symbols:
+        top.addAtom(s, app.Element.getBySymbol(s), res)
+    ctx = openmm.Context(create_system(path, top), openmm.VerletIntegrator(0.0005),
+                         openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(pos.numpy() / NM_TO_ANGSTROM)
+    state = ctx.getState(getEnergy=True, getForces=True)
+    e = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    f = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+    ref = ExportedRunner(path).run(pos.numpy(), symbols)
+    assert abs(e - ref.energy * EV_TO_KJ_PER_MOL) < 1e-7
+    assert np.abs(np.asarray(f) - ref.forces * EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM).max() < 1e-6
