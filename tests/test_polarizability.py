@@ -103,9 +103,10 @@ def test_l2_basis_is_orthonormal_symmetric_traceless_and_equivariant():
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("symmetry,lmax,layers", [("O3", 2, 2), ("O3", 1, 2), ("SE3", 2, 2)])
-def test_polarizability_transforms_as_R_alpha_RT(symmetry, lmax, layers):
-    model = make_model(lmax=lmax, symmetry=symmetry, layers=layers)
+@pytest.mark.parametrize("symmetry,lmax,layers,parity", [("O3", 2, 2, "natural"), ("O3", 1, 2, "natural"),
+                                                        ("O3", 2, 2, "both"), ("SE3", 2, 2, "natural")])
+def test_polarizability_transforms_as_R_alpha_RT(symmetry, lmax, layers, parity):
+    model = make_model(lmax=lmax, symmetry=symmetry, layers=layers, feature_parity=parity)
     pos, species = molecule()
     rng = np.random.default_rng(3)
     a = alpha_of(model, pos, species)
