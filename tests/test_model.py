@@ -322,3 +322,33 @@ def test_state_dict_of_a_checkpoint_with_the_old_rep_buffer_still_loads():
     fresh.load_state_dict(old, strict=True)
     for k, v in state.items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_float32_round_trip_keeps_exact_clebsch_gordan_coefficients():
+    """Training in float32 and exporting in float64 must not leave float32-rounded Clebsch-Gordan
+    coefficients: the live model cast back (``.double()``), a float64 model loading a float32
+    checkpoint, and the fused export module all hold the exact float64 values (bitwise), so tensor
+    outputs of a float64 export stay equivariant to ~1e-15, not ~1e-8."""
+    settings = dict(r_max=3.0, channels=4, lmax=2, num_layers=2)
+    exact = helpers.make_model(["H", "O"], seed=1, **settings)
+    trained32 = helpers.make_model(["H", "O"], seed=1, dtype=torch.float32, **settings)
+    names = [n for n, _ in exact.named_buffers() if n.endswith(".tp.cg")]
+    assert names, "no tensor-product coefficient buffers found"
+    ref = dict(exact.named_buffers())
+    # the float32 copy really is rounded (else this test could not fail)
+    assert any(not torch.equal(dict(trained32.named_buffers())[n].double(), ref[n]) for n in names)
+    back = dict(trained32.double().named_buffers())
+    for n in names:
+        assert torch.equal(back[n], ref[n]), n
+    # a float64 model loading a checkpoint written by a float32 model
+    state32 = helpers.make_model(["H", "O"], seed=1, dtype=torch.float32, **settings).state_dict()
+    loaded = helpers.make_model(["H", "O"], seed=2, **settings)
+    loaded.load_state_dict(state32, strict=True)
+    for n in names:
+        assert torch.equal(dict(loaded.named_buffers())[n], ref[n]), n
+    # the fused export path (its own copy of the coefficients), built in float32 and cast to float64
+    fused = helpers.make_model(["H", "O"], seed=1, dtype=torch.float32, **settings).for_export().double()
+    fused_cg = {n: b for n, b in fused.named_buffers() if n.endswith(".fused_tp.cg")}
+    assert len(fused_cg) == len(names), "the fused module keeps no coefficient buffer"
+    for n, b in fused_cg.items():
+        assert b.dtype == torch.float64 and torch.equal(b, ref[n.replace(".fused_tp.cg", ".tp.cg")]), n

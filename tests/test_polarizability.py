@@ -389,6 +389,17 @@ def test_float32_training_does_not_round_the_l2_map():
     model = model.to(torch.float64)
     assert torch.equal(model.polarizability_l2_basis, l2_basis())
     assert not any("l2_basis" in k for k in model.state_dict())
+    # the whole route: weights as a float32 training leaves them, restored into a float64 model from
+    # the float32 state (Clebsch-Gordan coefficients re-derived exactly, nn/tensor_product.py):
+    # R alpha R^T to 1e-10 relative, as for a float64-trained model
+    trained = make_model().to(torch.float32)
+    model = make_model(seed=5)
+    model.load_state_dict({k: v.to(torch.float64) if v.is_floating_point() else v
+                           for k, v in trained.state_dict().items()})
+    pos, species = molecule(seed=3)
+    rot = torch.tensor(random_rotation(np.random.default_rng(7)))
+    a, a_rot = alpha_of(model, pos, species), alpha_of(model, pos @ rot.T, species)
+    assert float((a_rot - rot @ a @ rot.T).abs().max()) < 1e-10 * float(a.abs().max())
 
 
 @pytest.mark.lammps

@@ -85,6 +85,8 @@ class EdgeTensorProduct(nn.Module):
     mpath_members: List[List[int]]
     mpath_member_muls: List[List[int]]
 
+    __jit_ignored_attributes__ = ["_cg_exact"]
+
     def __init__(self, irreps_in: Irreps, irreps_sh: Irreps, allowed_out: Set[Irrep]):
         super().__init__()
         self.irreps_in = Irreps(irreps_in)
@@ -137,8 +139,11 @@ class EdgeTensorProduct(nn.Module):
         self.in_dims: List[int] = [m.ir.dim for m in self.irreps_in]
         self.sh_sizes: List[int] = [m.dim for m in self.irreps_sh]
         self.path_muls: List[int] = [mul for mul, _ in out_blocks]
-        # kept in float64 whatever the default dtype; model.to(dtype) casts it once
-        self.register_buffer("cg", torch.cat(cg_chunks))
+        # kept in float64 whatever the default dtype; model.to(dtype) casts it once. The exact float64
+        # values stay beside it (not a buffer, not scripted), so a cast back to float64 after float32
+        # training, or a checkpoint saved in float32, never leaves float32-rounded coefficients
+        self._cg_exact = torch.cat(cg_chunks).to(torch.float64)
+        self.register_buffer("cg", self._cg_exact.clone())
         self.irreps_out = Irreps(out_blocks)
         self.weight_numel = w_off
         self._build_merged(out_blocks)
@@ -148,8 +153,16 @@ class EdgeTensorProduct(nn.Module):
         # checkpoints written before equiforce dropped the unused `rep` buffer (path index of each
         # output column, derived from the irreps) still load: the stale entry is ignored
         state_dict.pop(prefix + "rep", None)
+        _exact_coefficients(state_dict, prefix + "cg", self._cg_exact, self.cg.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (``.to``, ``.double()``, ...), then ``cg`` re-cast from the exact float64
+        coefficients (never a cast of a rounded copy)."""
+        super()._apply(fn, recurse)
+        self.cg = self._cg_exact.to(device=self.cg.device, dtype=self.cg.dtype, copy=True)
+        return self
 
     def _build_merged(self, out_blocks: List[Tuple[int, Tuple[int, int]]]) -> None:
         """Merged groups (module docstring): original groups with equal ``(l1, l2, [l3...])``.
@@ -302,6 +315,18 @@ class EdgeTensorProduct(nn.Module):
         return outs
 
 
+def _exact_coefficients(state_dict, key: str, exact: Tensor, dtype: torch.dtype) -> None:
+    """Replace the Clebsch-Gordan coefficients ``state_dict[key]`` of a checkpoint by the exact ones
+    (in ``dtype``) when they agree to float32 rounding: a checkpoint saved by a float32 model holds
+    rounded coefficients that would otherwise limit a float64 export's equivariance to ~1e-8.
+    Anything else (another shape, other values) is left for the usual load and its errors."""
+    saved = state_dict.get(key)
+    if saved is None or saved.shape != exact.shape:
+        return
+    if bool(torch.allclose(saved.detach().to(torch.float64).cpu(), exact, rtol=1e-6, atol=1e-7)):
+        state_dict[key] = exact.to(dtype, copy=True)
+
+
 class FusedTensorProduct(nn.Module):
     """Gather, tensor product and scatter-sum of an :class:`EdgeTensorProduct` in one compiled op
     (``equiforce::tp_scatter``, CPU; tables derived from the product's merged groups).
@@ -315,6 +340,8 @@ class FusedTensorProduct(nn.Module):
     mpath_d3: List[int]
     mpath_muls: List[int]
 
+    __jit_ignored_attributes__ = ["_cg_exact"]
+
     def __init__(self, tp: EdgeTensorProduct):
         super().__init__()
         if not load_ops():
@@ -322,7 +349,14 @@ class FusedTensorProduct(nn.Module):
                                "equiforce (pip install --no-build-isolation .), or keep fused kernels off "
                                "(model.for_export(fused=False), `equiforce export --portable`)")
         self._build_tables(tp)
-        self.register_buffer("cg", tp.cg.clone(), persistent=False)
+        self._cg_exact = tp._cg_exact
+        self.register_buffer("cg", tp._cg_exact.to(device=tp.cg.device, dtype=tp.cg.dtype, copy=True), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """As :meth:`EdgeTensorProduct._apply`: ``cg`` re-cast from the exact float64 coefficients."""
+        super()._apply(fn, recurse)
+        self.cg = self._cg_exact.to(device=self.cg.device, dtype=self.cg.dtype, copy=True)
+        return self
 
     def _build_tables(self, tp: EdgeTensorProduct) -> None:
         """The op's tables (layouts in ``cpp/equiforce_ops.cpp``) from the merged groups of ``tp``:
