@@ -120,6 +120,32 @@ def test_two_processes_equal_one_and_resume_across_process_counts(data, tmp_path
     print(f"2->1 vs 1->2 processes after 4 epochs: max relative weight difference {worst:.2e}")
     assert [int(r["epoch"]) for r in read_rows(one / "metrics.csv")] == [1, 2, 3, 4]
 
+    # the exported files of the two runs give the same energies and forces (ASE calculator, float64)
+    from ase.io import read
+    from equiforce.ase import EquiforceCalculator
+    from equiforce.cli import main
+
+    results = []
+    for run in (two, one):
+        assert main(["export", str(run), "-o", str(run / "model.pt")]) == 0
+        atoms = read(str(data), index=0)
+        atoms.calc = EquiforceCalculator(str(run / "model.pt"))
+        results.append((atoms.get_potential_energy(), atoms.get_forces()))
+    assert abs(results[0][0] - results[1][0]) <= 1e-8 * abs(results[1][0])
+    assert float(abs(results[0][1] - results[1][1]).max()) <= 1e-8
+
+
+@pytest.mark.mpi
+def test_time_limit_stops_every_process_together(data, tmp_path):
+    out = tmp_path / "t"
+    res = torchrun(2, ["train", "--data", str(data), "--out", str(out), "--epochs", "50", "--max-minutes", "1e-6"]
+                   + FLAGS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stopped (max_minutes) after epoch 1" in res.stdout
+    state = load_checkpoint(str(out / "best.pt"))
+    assert state["epoch"] == 1 and float(state["optimizer_state"]["state"][0]["step"]) == 1.0  # one step
+    assert len(read_rows(out / "metrics.csv")) == 1
+
 
 @pytest.mark.mpi
 def test_bad_device_fails_on_every_process_with_one_line(data, tmp_path):

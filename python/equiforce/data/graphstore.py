@@ -350,6 +350,7 @@ class GraphStore:
             for row, k in enumerate(part, start=c):
                 sp = self._z_to_species[self._read("numbers", int(self.atom_ptr[k]), int(self.atom_ptr[k + 1]))]
                 out[row] = np.bincount(sp, minlength=len(self.species))
+                self._check_resident()
         return out
 
     def force_rms(self, indices: Sequence[int]) -> float:
@@ -359,6 +360,7 @@ class GraphStore:
             f = self._read("forces", int(self.atom_ptr[k]), int(self.atom_ptr[k + 1]))
             total += float((f * f).sum())
             count += f.size
+            self._check_resident()
         return float(np.sqrt(total / count)) if count else 0.0
 
     def label_flags(self, indices: Sequence[int]) -> Tuple[List[int], List[bool], List[bool]]:
