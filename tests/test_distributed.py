@@ -148,6 +148,20 @@ def test_time_limit_stops_every_process_together(data, tmp_path):
 
 
 @pytest.mark.mpi
+def test_a_failure_on_rank_0_stops_every_process(data, tmp_path):
+    # rank 0 cannot write last.pt (a directory sits where its temporary file goes); rank 1 writes
+    # nothing and would wait for rank 0 in the next epoch: torchrun must stop it, with rank 0's message
+    out = tmp_path / "r"
+    (out / "last.pt.tmp").mkdir(parents=True)
+    (out / "last.pt.tmp" / "keep").write_text("x")
+    res = torchrun(2, ["train", "--data", str(data), "--out", str(out), "--epochs", "3"] + FLAGS, timeout=180)
+    assert res.returncode != 0
+    assert "equiforce: error: could not write checkpoint" in res.stderr
+    assert "rank 0" in res.stderr or "rank      : 0" in res.stderr  # torchrun names the failed rank
+    assert not os.path.exists(out / "last.pt")
+
+
+@pytest.mark.mpi
 def test_bad_device_fails_on_every_process_with_one_line(data, tmp_path):
     res = torchrun(2, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cuda:1",
                        "--epochs", "1", "--no-progress"], timeout=120)

@@ -89,7 +89,11 @@ class GraphStoreWriter:
         if os.path.exists(out):
             raise DataError(f"'{out}' already exists; remove it or choose another output (-o) for the graph store")
         self.out, self.tmp = out, out.rstrip("/") + ".tmp"
-        if os.path.exists(self.tmp):
+        if os.path.exists(self.tmp):  # an interrupted earlier preprocessing: remove it, but nothing else
+            ours = os.path.isdir(self.tmp) and all(f.endswith((".bin", ".json")) for f in os.listdir(self.tmp))
+            if not ours:
+                raise DataError(f"'{self.tmp}' exists and is not a partial graph store; remove it or choose another "
+                                "output (-o)")
             shutil.rmtree(self.tmp)
         os.makedirs(self.tmp)
         self.meta = {"format": STORE_FORMAT, "version": STORE_VERSION, "r_max": float(r_max), "keys": dict(keys),
