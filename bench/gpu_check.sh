@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build, run the CUDA-relevant tests, and time
 # `pair_style equiforce device cuda` on 1 and 2 MPI ranks sharing one GPU (exchange, ghost shell,
-# gather; 4096-atom Cu, float32 and float64). Fails clearly (exit 2) when no GPU is visible;
+# gather; 4096-atom Cu, float32 and float64), and data-parallel training on 1 and 2 GPUs (NCCL,
+# bench/train_scaling.py; 1 GPU only when one is visible). Fails clearly (exit 2) when no GPU is visible;
 # without a GPU everything else (make install, make test) builds and passes as usual.
 #
-#   bench/gpu_check.sh            results in bench/results/lammps_scaling_gpu.json
+#   bench/gpu_check.sh            results in bench/results/lammps_scaling_gpu.json, train_scaling_gpu.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VPY=.venv/bin/python
@@ -27,3 +28,13 @@ export OMP_NUM_THREADS=1
 # timing: 1 and 2 ranks on one GPU
 "$VPY" bench/lammps_scaling.py --device cuda --sizes 4096 --count-ranks 2 \
   --out bench/results/lammps_scaling_gpu.json
+# training (issue 16): 1 and 2 GPUs, one process each (torchrun, NCCL), structures/s and the speed-up
+NGPU=$(nvidia-smi -L | grep -c '^GPU')
+if [ "$NGPU" -ge 2 ]; then
+  "$VPY" bench/train_scaling.py --device cuda --procs 1 2 --structures 2048 --batch-size 64 --epochs 4 --rounds 1 \
+    --out bench/results/train_scaling_gpu.json
+else
+  echo "gpu_check: $NGPU GPU visible: timing 1-GPU training only (the 2-GPU NCCL speed-up needs 2 GPUs)" >&2
+  "$VPY" bench/train_scaling.py --device cuda --procs 1 --structures 2048 --batch-size 64 --epochs 4 --rounds 1 \
+    --out bench/results/train_scaling_gpu.json
+fi

@@ -4,6 +4,8 @@
     equiforce train ... [--dipole direct|charges|both] [--direct-forces] [--rotation-augmentation] [--lmax 0]
     equiforce train ... --polarizability [--polarizability-key KEY] [--polarizability-weight W]
     equiforce train --out run/ --resume [--epochs N] [--max-minutes M]
+    torchrun --nproc_per_node N -m equiforce train ...   (data-parallel, equiforce.training.distributed)
+    equiforce preprocess data.extxyz -o data.eqd --r-max 5   (graph store; train --data data.eqd)
     equiforce export run/ -o model.pt [--dtype float64] [--checkpoint best|last]
     equiforce info model.pt
     equiforce eval model.pt data.extxyz [--json]        (dipole / polarizability MAE too, for such models)
@@ -49,7 +51,7 @@ def _bool(text: str) -> bool:
 # flag -> (config key, type, help): every setting of TrainConfig / ModelConfig has a flag (or a
 # switch below) except those in TRAIN_YAML_ONLY; tests/test_cli.py checks that none is missing
 TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
-    ("--data", "data", str, "extxyz file with energies and forces"),
+    ("--data", "data", str, "extxyz file with energies and forces, or a graph store from `equiforce preprocess`"),
     ("--val-fraction", "val_fraction", float, "fraction of structures held out for validation (0.1)"),
     ("--test-fraction", "test_fraction", float, "fraction held out as a test set, never trained on (0)"),
     ("--epochs", "epochs", int, "number of epochs (100)"),
@@ -64,6 +66,12 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--dtype", "dtype", str, "float32 or float64 (float32)"),
     ("--device", "device", str, "cpu, cuda or cuda:N (cpu)"),
     ("--threads", "num_threads", int, "CPU threads (torch default); 1 is fastest for small models"),
+    ("--max-data-mb", "max_data_mb", float,
+     "graph stores (equiforce preprocess): resident memory of the mapped data, MiB (256)"),
+    ("--init-from", "init_from", str,
+     "fine-tune: start from the weights and model settings of this run directory (best.pt) or checkpoint"),
+    ("--init-shifts", "init_shifts", str,
+     "fine-tune: per-species energy shifts refit (least squares on the new data) or keep (refit)"),
     ("--seed", "seed", int, "random seed for the split and the initial weights (0)"),
     ("--energy-key", "energy_key", str, "name of the energy label (energy)"),
     ("--forces-key", "forces_key", str, "name of the forces label (forces)"),
@@ -145,6 +153,8 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides.update({key: getattr(args, key.replace(".", "__")) for _, key, _ in TRAIN_SWITCHES})
     if args.out is not None:
         overrides["out"] = args.out
+    if args.resume and getattr(args, "init_from", None):
+        raise ConfigError("--init-from starts a new run and --resume continues one; give only one of them")
     if args.resume:
         out = args.out or (read_yaml(yaml_path).get("out") if yaml_path else None)
         if not out:
@@ -157,6 +167,33 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     config = build_config(yaml_path, overrides)
     train(config, progress=not args.no_progress)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess
+# ---------------------------------------------------------------------------------------------
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="extxyz file with energies and forces (read one structure at a time)")
+    p.add_argument("-o", "--output", required=True, help="graph store directory to write, e.g. data.eqd")
+    p.add_argument("--r-max", type=float, required=True, help="cutoff radius in Å of the neighbour lists "
+                   "(the model's --r-max)")
+    for key in ("energy", "forces", "stress", "dipole", "charge", "polarizability"):
+        p.add_argument(f"--{key}-key", default=key, help=f"name of the {key} label ({key})")
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.graphstore import preprocess
+
+    t0 = time.monotonic()
+    meta = preprocess(args.data, args.output, args.r_max, args.energy_key, args.forces_key, args.stress_key,
+                      args.dipole_key, args.charge_key, args.polarizability_key)
+    size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
+    print(f"wrote {args.output}: {meta['num_structures']} structures, {meta['num_atoms']} atoms, {meta['num_edges']} "
+          f"edges (r_max {meta['r_max']:g} Å), elements {meta['elements']}, {size / 2**20:.1f} MiB in "
+          f"{time.monotonic() - t0:.1f} s; train with --data {args.output} --r-max {meta['r_max']:g}")
     return 0
 
 
@@ -344,6 +381,8 @@ def _run_lammps_plugin_dir(args: argparse.Namespace) -> int:
 COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "datagen": ("make a GFN2-xTB reference data set by molecular dynamics (extxyz)", _add_datagen, _run_datagen),
     "train": ("train a model on an extxyz data set", _add_train, _run_train),
+    "preprocess": ("write a data set's graphs to an on-disk store read lazily by train", _add_preprocess,
+                   _run_preprocess),
     "export": ("export a trained run to one TorchScript file", _add_export, _run_export),
     "info": ("print the metadata of an exported model", _add_info, _run_info),
     "eval": ("errors of an exported model on an extxyz data set", _add_eval, _run_eval),
@@ -374,14 +413,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    # under torchrun every process reports its own errors; ranks other than 0 say which they are
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+    who = "equiforce" if rank == "0" else f"equiforce (rank {rank})"
     try:
         return int(args._run(args) or 0)
     except (UserError, ModelFileError) as exc:
-        print(f"equiforce: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{who}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:  # a path that cannot be used (a file where a directory is needed, no space, ...)
         where = f" '{exc.filename}'" if exc.filename else ""
-        print(f"equiforce: error: cannot use{where}: {exc.strerror or exc}; check the paths given "
+        print(f"{who}: error: cannot use{where}: {exc.strerror or exc}; check the paths given "
               "(an existing file where a directory is needed, or the reverse; permissions; free space)",
               file=sys.stderr)
         return EXIT_USER_ERROR

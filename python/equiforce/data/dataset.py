@@ -289,26 +289,35 @@ def load_dataset(path: str, r_max: float, species_names: Optional[Sequence[str]]
     file, the structure and the atoms)."""
     frames = read_structures(path)
     names = species_from_structures(frames) if species_names is None else list(species_names)
-    graphs = []
-    for k, atoms in enumerate(frames):
-        labels = extract_labels(atoms, k, path, energy_key, forces_key, stress_key)
-        g = atoms_to_graph(atoms, names, r_max, where=f"'{path}' structure {k}", labels=labels)
-        pair = closest_pair(g["pos"], g["edge_index"], g["edge_shift"])
-        if pair is not None and pair[2] < MIN_DISTANCE:
-            raise DataError(f"'{path}' structure {k}: {min_distance_message(pair, MIN_DISTANCE)} "
-                            "(equiforce.units.MIN_DISTANCE): no model is valid there; remove the structure or fix "
-                            "its positions")
-        dipole = extract_dipole(atoms, k, path, dipole_key)
-        if dipole is not None:
-            g["dipole"] = torch.tensor(dipole, dtype=torch.float64)
-            g["has_dipole"] = torch.tensor(True)
-        g["total_charge"] = torch.tensor(extract_total_charge(atoms, k, path, charge_key), dtype=torch.float64)
-        alpha = extract_polarizability(atoms, k, path, polarizability_key)
-        if alpha is not None:
-            g["polarizability"] = torch.tensor(alpha, dtype=torch.float64)
-            g["has_polarizability"] = torch.tensor(True)
-        graphs.append(g)
+    graphs = [frame_to_graph(atoms, k, path, names, r_max, energy_key, forces_key, stress_key, dipole_key, charge_key,
+                             polarizability_key)
+              for k, atoms in enumerate(frames)]
     return graphs, names
+
+
+def frame_to_graph(atoms, k: int, path: str, species_names: Sequence[str], r_max: float,
+                   energy_key: str = "energy", forces_key: str = "forces", stress_key: str = "stress",
+                   dipole_key: str = "dipole", charge_key: str = "charge",
+                   polarizability_key: str = "polarizability") -> Graph:
+    """The labelled graph of structure ``k`` of the file ``path`` (every check of :func:`load_dataset`;
+    also used by the graph store's preprocessing, so both give identical graphs)."""
+    labels = extract_labels(atoms, k, path, energy_key, forces_key, stress_key)
+    g = atoms_to_graph(atoms, species_names, r_max, where=f"'{path}' structure {k}", labels=labels)
+    pair = closest_pair(g["pos"], g["edge_index"], g["edge_shift"])
+    if pair is not None and pair[2] < MIN_DISTANCE:
+        raise DataError(f"'{path}' structure {k}: {min_distance_message(pair, MIN_DISTANCE)} "
+                        "(equiforce.units.MIN_DISTANCE): no model is valid there; remove the structure or fix "
+                        "its positions")
+    dipole = extract_dipole(atoms, k, path, dipole_key)
+    if dipole is not None:
+        g["dipole"] = torch.tensor(dipole, dtype=torch.float64)
+        g["has_dipole"] = torch.tensor(True)
+    g["total_charge"] = torch.tensor(extract_total_charge(atoms, k, path, charge_key), dtype=torch.float64)
+    alpha = extract_polarizability(atoms, k, path, polarizability_key)
+    if alpha is not None:
+        g["polarizability"] = torch.tensor(alpha, dtype=torch.float64)
+        g["has_polarizability"] = torch.tensor(True)
+    return g
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float = 0.0,

@@ -38,6 +38,9 @@ YAML layout (every key optional; the defaults are the values below)::
     dtype: float32            # float32 | float64
     device: cpu               # cpu | cuda | cuda:N
     num_threads: null         # CPU threads for torch (null: torch's default); 1 is fastest for small models
+    init_from: null           # fine-tune: start from this run directory (its best.pt) or checkpoint
+    init_shifts: refit        #   per-species shifts: refit (least squares on the new data) | keep
+    max_data_mb: 256          # graph stores (equiforce preprocess): resident-memory cap of the mapped data (MiB)
     model:                    # equiforce.model.network.ModelConfig
       r_max: 5.0
       channels: 32
@@ -68,6 +71,7 @@ CHOICES = {
     "optimizer": ("adam", "adamw"),
     "scheduler": ("plateau", "cosine", "none"),
     "dtype": ("float32", "float64"),
+    "init_shifts": ("refit", "keep"),
 }
 
 
@@ -109,6 +113,9 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "cpu"
     num_threads: Optional[int] = None
+    max_data_mb: float = 256.0
+    init_from: Optional[str] = None
+    init_shifts: str = "refit"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     # ---- construction -------------------------------------------------------------------
@@ -159,6 +166,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1 (or null for torch's default), got {self.num_threads}")
+        if not self.max_data_mb > 0:
+            raise ConfigError(f"max_data_mb must be > 0 (MiB of mapped data kept resident), got {self.max_data_mb}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if not self.lr > 0:

@@ -41,6 +41,7 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -50,15 +51,21 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, DataError
-from ..data.dataset import Graph, average_num_neighbors, collate, load_dataset, split_indices
+from ..data.dataset import Graph, collate, load_dataset, split_indices
+from ..data.graphstore import GraphStore, GraphSubset, is_graph_store
 from ..model.forces import model_outputs
 from ..model.network import EquiforceModel, ModelConfig
 from ..o3.rotations import random_rotations
 from ..units import dtype_from_name
+from .distributed import (DistContext, barrier, gather_accumulator_sums, gather_sum, global_counts, process_rank,
+                          shard, wrap_model)
+from .distributed import setup as setup_distributed
+from .distributed import teardown as teardown_distributed
 from .checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_model, data_digest, load_checkpoint,  # noqa: F401
                           model_from_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .ema import EMA
+from .finetune import init_model_from, load_init
 from .metrics import ErrorAccumulator, MetricsLog
 
 # epochs whose validation loss is within this relative margin of the best do not count as improvements
@@ -77,12 +84,35 @@ def fit_scale_shift(graphs: Sequence[Graph], num_species: int,
     over ``graphs`` (minimum-norm when the compositions do not determine it). scale: RMS of all force
     components (eV/Å), the same for every species; 1.0 when all forces are zero.
     """
-    known = dict(known_shift or {})
+    stats = training_statistics(graphs, num_species)
+    return scale_shift_from_statistics(stats, num_species, known_shift)
+
+
+def training_statistics(graphs, num_species: int) -> dict:
+    """What the untrained model is fitted to: ``counts`` [B, S] species counts, ``energies`` [B]
+    (eV), ``force_rms`` (eV/Å), ``num_atoms``, ``num_edges``, ``dipole_rms`` (e·Å, None without
+    dipole labels). A graph store's subset computes them from its arrays without building graphs."""
+    if hasattr(graphs, "statistics"):
+        return graphs.statistics()
     counts = np.zeros((len(graphs), num_species))
     energies = np.zeros(len(graphs))
     for b, g in enumerate(graphs):
         counts[b] = np.bincount(g["species"].numpy(), minlength=num_species)
         energies[b] = float(g["energy"])
+    forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
+    labelled = [g["dipole"] for g in graphs if bool(g.get("has_dipole", torch.tensor(False)))]
+    return {"counts": counts, "energies": energies,
+            "force_rms": float(torch.sqrt((forces * forces).mean())) if forces.numel() else 0.0,
+            "num_atoms": sum(int(g["natoms"]) for g in graphs),
+            "num_edges": sum(int(g["edge_index"].shape[1]) for g in graphs),
+            "dipole_rms": float(torch.sqrt((torch.stack(labelled) ** 2).mean())) if labelled else None}
+
+
+def scale_shift_from_statistics(stats: dict, num_species: int,
+                                known_shift: Optional[Dict[int, float]] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`fit_scale_shift` from :func:`training_statistics`."""
+    known = dict(known_shift or {})
+    counts, energies = stats["counts"], np.array(stats["energies"], dtype=np.float64)
     shift = np.zeros(num_species)
     for s, e in known.items():
         shift[s] = e
@@ -90,8 +120,7 @@ def fit_scale_shift(graphs: Sequence[Graph], num_species: int,
     free = [s for s in range(num_species) if s not in known]
     if free:
         shift[free] = np.linalg.lstsq(counts[:, free], energies, rcond=None)[0]
-    forces = torch.cat([g["forces"].reshape(-1) for g in graphs])
-    rms = float(torch.sqrt((forces * forces).mean())) if forces.numel() else 0.0
+    rms = stats["force_rms"]
     scale = np.full(num_species, rms if rms > 0 else 1.0)
     return torch.tensor(scale, dtype=torch.float64), torch.tensor(shift, dtype=torch.float64)
 
@@ -174,23 +203,32 @@ def rotate_batch(batch: dict, rotations: Tensor) -> dict:
     return out
 
 
-def batch_loss(pred: Dict[str, Tensor], batch: dict, config: TrainConfig) -> Tensor:
-    """Weighted MSE loss of one batch (see the module docstring)."""
+def batch_loss(pred: Dict[str, Tensor], batch: dict, config: TrainConfig,
+               counts: Optional[Dict[str, int]] = None) -> Tensor:
+    """Weighted MSE loss of one batch (see the module docstring).
+
+    ``counts`` (:func:`equiforce.training.distributed.global_counts`): the normalisers of the whole
+    global batch when ``batch`` is one process's shard of it (the shard losses then add up to the
+    loss of the global batch); by default those of ``batch`` itself (the means)."""
+    if counts is None:
+        counts = global_counts(batch["natoms"].tolist(), batch["has_stress"].tolist(),
+                               batch["has_dipole"].tolist() if "has_dipole" in batch else [],
+                               batch["has_polarizability"].tolist() if "has_polarizability" in batch else [])
     de = (pred["energy"] - batch["energy"]) / batch["natoms"].to(pred["energy"].dtype)
-    loss = config.energy_weight * (de * de).mean()
+    loss = config.energy_weight * (de * de).sum() / counts["energy"]
     df = pred["forces"] - batch["forces"]
-    loss = loss + config.forces_weight * (df * df).mean()
+    loss = loss + config.forces_weight * (df * df).sum() / counts["forces"]
     mask = batch["has_stress"]
     if config.stress_weight > 0 and bool(mask.any()):
         ds = pred["stress"][mask] - batch["stress"][mask]
-        loss = loss + config.stress_weight * (ds * ds).mean()
+        loss = loss + config.stress_weight * (ds * ds).sum() / counts["stress"]
     if "dipole" in pred and config.dipole_weight > 0 and bool(batch["has_dipole"].any()):
         dd = pred["dipole"][batch["has_dipole"]] - batch["dipole"][batch["has_dipole"]]
-        loss = loss + config.dipole_weight * (dd * dd).mean()
+        loss = loss + config.dipole_weight * (dd * dd).sum() / counts["dipole"]
     if "polarizability" in pred and config.polarizability_weight > 0 and bool(batch["has_polarizability"].any()):
         m = batch["has_polarizability"]
         da = pred["polarizability"][m] - batch["polarizability"][m]
-        loss = loss + config.polarizability_weight * (da * da).mean()
+        loss = loss + config.polarizability_weight * (da * da).sum() / counts["polarizability"]
     return loss
 
 
@@ -199,7 +237,7 @@ def evaluate_graphs(model: nn.Module, graphs: Sequence[Graph], batch_size: int, 
     """Errors of ``model`` on ``graphs`` (no parameter gradients kept)."""
     acc = ErrorAccumulator()
     for start in range(0, len(graphs), batch_size):
-        batch = collate(graphs[start:start + batch_size], dtype, device)
+        batch = collate([graphs[k] for k in range(start, min(start + batch_size, len(graphs)))], dtype, device)
         pred = predict(model, batch, create_graph=False)
         acc.add({k: v.detach() for k, v in pred.items()}, batch)
     return acc
@@ -216,15 +254,17 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
     Shifts: ``config.atomic_energies`` when set (every species), else the ``isolated`` atom energies
     found in the data for their species and least squares for the rest."""
     torch.manual_seed(config.seed)
-    if not any(int(g["edge_index"].shape[1]) for g in train_graphs):
+    stats = training_statistics(train_graphs, len(species))
+    if not stats["num_edges"]:
         raise DataError(f"no two atoms of the training structures in '{config.data}' are closer than the cutoff "
                         f"r_max = {config.model.r_max:g} Å, so the model would have no interactions; use a larger "
                         "cutoff (--r-max, typically 4-6 Å for molecules and solids)")
-    mc = ModelConfig.from_dict({**config.model.to_dict(), "avg_num_neighbors": average_num_neighbors(train_graphs)})
+    avg = stats["num_edges"] / stats["num_atoms"] if stats["num_atoms"] and stats["num_edges"] else 1.0
+    mc = ModelConfig.from_dict({**config.model.to_dict(), "avg_num_neighbors": avg})
     config = config.replace(model=mc)
     model = build_model(config.model, species)
     known = {species.index(name): e for name, e in (isolated or {}).items() if name in species}
-    scale, shift = fit_scale_shift(train_graphs, len(species), known)
+    scale, shift = scale_shift_from_statistics(stats, len(species), known)
     if config.atomic_energies is not None:
         missing = [s for s in species if s not in config.atomic_energies]
         if missing:
@@ -234,12 +274,11 @@ def init_model(config: TrainConfig, species: List[str], train_graphs: Sequence[G
     model = model.to(dtype_from_name(config.dtype))
     model.set_scale_shift(scale, shift)
     if config.model.dipole != "none":
-        labelled = [g["dipole"] for g in train_graphs if bool(g.get("has_dipole", torch.tensor(False)))]
-        if not labelled:
+        rms = stats.get("dipole_rms")
+        if rms is None:
             raise DataError(f"model.dipole is '{config.model.dipole}' but no training structure has a dipole label "
                             f"'{config.dipole_key}'; add dipoles (e·Å) to the data (e.g. `equiforce datagen --dipole`) "
                             "or set model.dipole to none")
-        rms = float(torch.sqrt((torch.stack(labelled) ** 2).mean()))
         model.set_dipole_scale(rms if rms > 0 else 1.0)
     if config.model.polarizability:
         scale, shift = fit_polarizability_scale_shift(train_graphs, len(species), config.polarizability_key)
@@ -252,18 +291,32 @@ def fit_polarizability_scale_shift(graphs: Sequence[Graph], num_species: int, ke
     shift = per-species isotropic atomic polarizabilities, least squares of ``tr(alpha_b)/3`` on the
     species counts (minimum-norm where the compositions do not determine it); scale = RMS of what
     is left for the network, the 9 components of ``alpha_b - (sum_s count_bs shift_s) I`` (1 when 0)."""
-    labelled = [g for g in graphs if bool(g.get("has_polarizability", torch.tensor(False)))]
-    if not labelled:
+    counts_list, alpha_list = [], []  # only these per structure: graphs may be a lazy graph store
+    for g in graphs:
+        if bool(g.get("has_polarizability", torch.tensor(False))):
+            counts_list.append(np.bincount(g["species"].numpy(), minlength=num_species))
+            alpha_list.append(g["polarizability"].numpy())
+    if not alpha_list:
         raise DataError(f"model.polarizability is true but no training structure has a polarizability label '{key}'; "
                         "add polarizabilities (e·Å²/V) to the data (e.g. `equiforce datagen --polarizability`) "
                         "or set model.polarizability to false")
-    counts = np.stack([np.bincount(g["species"].numpy(), minlength=num_species) for g in labelled]).astype(float)
-    alphas = np.stack([g["polarizability"].numpy() for g in labelled])
+    counts = np.stack(counts_list).astype(float)
+    alphas = np.stack(alpha_list)
     iso = np.trace(alphas, axis1=1, axis2=2) / 3.0
     shift = np.linalg.lstsq(counts, iso, rcond=None)[0]
     rest = alphas - (counts @ shift)[:, None, None] * np.eye(3)
     rms = float(np.sqrt((rest * rest).mean()))
     return (rms if rms > 0 else 1.0), torch.tensor(shift, dtype=torch.float64)
+
+
+def evaluate_energies(model: nn.Module, graphs: Sequence[Graph], batch_size: int = 16) -> np.ndarray:
+    """Energies [len(graphs)] (eV, float64) the model predicts (in its own dtype and device)."""
+    p = next(model.parameters())
+    out = []
+    for start in range(0, len(graphs), batch_size):
+        batch = collate([graphs[k] for k in range(start, min(start + batch_size, len(graphs)))], p.dtype, p.device)
+        out.append(predict(model, batch, create_graph=False)["energy"].detach().double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def _example_structure(g: Graph) -> Dict[str, Tensor]:
@@ -273,7 +326,7 @@ def _example_structure(g: Graph) -> Dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------
 # the training loop: setup, one epoch, one checkpoint
 # ---------------------------------------------------------------------------------------------
-RESUMABLE = ("epochs", "max_minutes", "early_stopping_patience", "num_threads", "device")
+RESUMABLE = ("epochs", "max_minutes", "early_stopping_patience", "num_threads", "device", "max_data_mb")
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -306,6 +359,8 @@ class _Run:
     scheduler: object
     ema: Optional[EMA]
     data_digest: str
+    ctx: DistContext = dataclasses.field(default_factory=DistContext)
+    step: Optional[nn.Module] = None  # the training forward (_TrainStep, in DDP with several processes)
     start_epoch: int = 1
     best_loss: float = math.inf
     best_epoch: int = 0
@@ -353,30 +408,67 @@ def _resume_config(config: TrainConfig, resume_overrides: Optional[Dict[str, obj
     return saved.replace(**changes, out=out), state
 
 
-def _load_split(config: TrainConfig, state: Optional[dict], progress: bool):
-    """Species, training and validation graphs and the split of a run (the saved split on resume)."""
-    species = None if state is None else list(state["species"])
-    graphs, species = load_dataset(config.data, config.model.r_max, species, config.energy_key,
-                                   config.forces_key, config.stress_key, config.dipole_key, config.charge_key,
-                                   config.polarizability_key)
+def _load_split(config: TrainConfig, species: Optional[List[str]], state: Optional[dict], progress: bool):
+    """Species, training and validation graphs and the split of a run (the saved split on resume;
+    ``species``: the model's, else those of the data). An extxyz file is read into memory; a graph
+    store (``equiforce preprocess``) is read lazily."""
+    try:
+        if is_graph_store(config.data):
+            return _load_split_store(config, species, state, progress)
+        graphs, species = load_dataset(config.data, config.model.r_max, species, config.energy_key,
+                                       config.forces_key, config.stress_key, config.dipole_key, config.charge_key,
+                                       config.polarizability_key)
+    except DataError as exc:
+        if config.init_from and "does not know" in str(exc):
+            raise DataError(f"{exc}; --init-from '{config.init_from}' can only fine-tune on elements it was trained "
+                            "on: remove those structures or train from scratch") from None
+        raise
     # single isolated atoms are reference energies (the species shifts), not training structures
     isolated = isolated_atom_energies(graphs, species)
     graphs = [g for g in graphs if not is_isolated_atom(g)]
-    if not graphs:
+    train_idx, val_idx, split = _split(config, state, len(graphs), progress, isolated)
+    return species, [graphs[k] for k in train_idx], [graphs[k] for k in val_idx], split, isolated
+
+
+def _split(config: TrainConfig, state: Optional[dict], n: int, progress: bool, isolated: Dict[str, float]):
+    if not n:
         raise DataError(f"'{config.data}' holds only isolated atoms; add structures to train on")
     if isolated and progress:
         print("equiforce train: isolated-atom energies used as species shifts: "
               + ", ".join(f"{k} {v:.6f} eV" for k, v in isolated.items()), file=sys.stderr)
     if state is None:
-        train_idx, val_idx, test_idx = split_indices(len(graphs), config.val_fraction, config.test_fraction, config.seed)
+        train_idx, val_idx, test_idx = split_indices(n, config.val_fraction, config.test_fraction, config.seed)
     else:
         split = state["split"]
         train_idx, val_idx, test_idx = list(split["train"]), list(split["val"]), list(split["test"])
-        if max(train_idx + val_idx + test_idx) >= len(graphs):
-            raise DataError(f"'{config.data}' has {len(graphs)} structures, fewer than when the run started; "
+        if max(train_idx + val_idx + test_idx) >= n:
+            raise DataError(f"'{config.data}' has {n} structures, fewer than when the run started; "
                             "resume with the same data file")
-    split = {"train": train_idx, "val": val_idx, "test": test_idx}
-    return species, [graphs[k] for k in train_idx], [graphs[k] for k in val_idx], split, isolated
+    return train_idx, val_idx, {"train": train_idx, "val": val_idx, "test": test_idx}
+
+
+def _load_split_store(config: TrainConfig, species: Optional[List[str]], state: Optional[dict], progress: bool):
+    """:func:`_load_split` for a graph store: lazy subsets, same isolated-atom rule and split."""
+    store = GraphStore(config.data, species, max_resident_mb=config.max_data_mb)
+    if abs(store.r_max - config.model.r_max) > 1e-9 * store.r_max:
+        raise ConfigError(f"graph store '{config.data}' holds neighbour lists for r_max = {store.r_max:g} Å but the "
+                          f"model's cutoff is {config.model.r_max:g} Å; train with --r-max {store.r_max:g} or "
+                          f"preprocess the data again with --r-max {config.model.r_max:g}")
+    wanted = {"energy": config.energy_key, "forces": config.forces_key, "stress": config.stress_key,
+              "dipole": config.dipole_key, "charge": config.charge_key,
+              "polarizability": config.polarizability_key}
+    differ = {k: (store.keys.get(k), v) for k, v in wanted.items() if store.keys.get(k) != v}
+    if differ:
+        raise ConfigError(f"graph store '{config.data}' was made with other label names "
+                          + ", ".join(f"{k}_key {a!r} (not {b!r})" for k, (a, b) in differ.items())
+                          + "; preprocess again with the label options you want, or drop those options")
+    natoms, pbc = store.natoms(), store.structure_array("pbc")
+    iso_mask = (natoms == 1) & ~pbc.any(axis=1)
+    isolated = isolated_atom_energies([store[k] for k in np.flatnonzero(iso_mask)], store.species)
+    kept = np.flatnonzero(~iso_mask)
+    train_idx, val_idx, split = _split(config, state, len(kept), progress, isolated)
+    return (store.species, GraphSubset(store, kept[train_idx]), GraphSubset(store, kept[val_idx]), split,
+            isolated)
 
 
 def check_run_directory(out: str) -> None:
@@ -396,8 +488,9 @@ def check_run_directory(out: str) -> None:
 
 
 def _setup(config: TrainConfig, resume: bool, progress: bool,
-           resume_overrides: Optional[Dict[str, object]]) -> _Run:
-    """Configuration, data, model, optimiser, scheduler and EMA of a new or resumed run."""
+           resume_overrides: Optional[Dict[str, object]], ctx_holder: list) -> _Run:
+    """Configuration, data, model, optimiser, scheduler and EMA of a new or resumed run; joins the
+    process group of a torchrun launch (the context is appended to ``ctx_holder`` for teardown)."""
     state = None
     if resume:
         config, state = _resume_config(config, resume_overrides)
@@ -412,17 +505,28 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{config.device}' requested but CUDA is not available; use --device cpu")
+    ctx = setup_distributed(config.device)
+    ctx_holder.append(ctx)
+    device = ctx.device
     dtype = dtype_from_name(config.dtype)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     digest = data_digest(config.data) if os.path.isfile(config.data) else ""
+    if is_graph_store(config.data):
+        digest = data_digest(os.path.join(config.data, "index.json"))
     if state is not None and state.get("data_digest") and digest != state["data_digest"]:
         raise DataError(f"'{config.data}' changed since the run in '{config.out}' started (its sha256 differs from "
                         "the one recorded in last.pt): resuming would silently train and validate on other "
                         "structures; restore the original file, or start a new run with another --out")
-    species, train_graphs, val_graphs, split, isolated = _load_split(config, state, progress)
+    init_state, species = None, (None if state is None else list(state["species"]))
+    if state is None and config.init_from:
+        init_state, config, species = load_init(config)
+    species, train_graphs, val_graphs, split, isolated = _load_split(config, species, state, progress)
 
-    if state is None:
+    if init_state is not None:
+        model = init_model_from(init_state, config, species, train_graphs,
+                                log=_stderr if progress else _silent).to(device=device)
+    elif state is None:
         model, config = init_model(config, species, train_graphs, isolated)
         model = model.to(device=device)
     else:
@@ -434,7 +538,7 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     run = _Run(config=config, state=state, device=device, dtype=dtype, species=species, train_graphs=train_graphs,
                val_graphs=val_graphs, split=split, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-               data_digest=digest)
+               data_digest=digest, ctx=ctx, step=wrap_model(ctx, _TrainStep(model)))
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer_state"])
@@ -454,53 +558,109 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
     return run
 
 
+class _TrainStep(nn.Module):
+    """The training forward pass (energies, forces by autograd with ``create_graph``, stress) as one
+    module, so that DistributedDataParallel sees the whole pass as its ``forward``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> Dict[str, Tensor]:
+        return predict(self.model, batch, create_graph=True)
+
+
+def _label_flags(source, indices: Sequence[int]) -> Tuple[List[int], List[bool], List[bool], List[bool]]:
+    """Atom counts and stress/dipole/polarizability label flags of ``source[k]`` for ``k`` in
+    ``indices`` (without building the graphs when the source can tell, as a graph store does)."""
+    flags = getattr(source, "label_flags", None)
+    if flags is not None:
+        return flags(indices)
+    gs = [source[k] for k in indices]
+    return ([int(g["natoms"]) for g in gs], [bool(g["has_stress"]) for g in gs],
+            [bool(g.get("has_dipole", False)) for g in gs], [bool(g.get("has_polarizability", False)) for g in gs])
+
+
 def _train_epoch(run: _Run, epoch: int, deadline: Optional[float], progress: bool) -> Tuple[ErrorAccumulator, bool]:
     """One pass over the training graphs (seeded shuffle and augmentation); returns the training
-    errors and whether the time limit was hit."""
+    errors (summed over all processes) and whether the time limit was hit.
+
+    With several processes each takes its shard of every global batch (see
+    :mod:`equiforce.training.distributed`); the step is the one-process step of the global batch."""
     from tqdm import tqdm
 
-    config, model = run.config, run.model
+    config, model, ctx = run.config, run.model, run.ctx
     model.train()
     order = np.random.default_rng([config.seed, epoch]).permutation(len(run.train_graphs))
     aug_rng = np.random.default_rng([config.seed, epoch, 1])
-    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    batches = [order[i:i + config.batch_size].tolist() for i in range(0, len(order), config.batch_size)]
     acc = ErrorAccumulator()
     timed_out = False
-    bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+               disable=not (progress and ctx.is_main), dynamic_ncols=True)
     for idx in bar:
-        batch = collate([run.train_graphs[k] for k in idx], run.dtype, run.device)
-        if config.rotation_augmentation:
-            rots = random_rotations(len(idx), aug_rng)
-            batch = rotate_batch(batch, torch.from_numpy(rots).to(run.device))
+        rots = random_rotations(len(idx), aug_rng) if config.rotation_augmentation else None
+        counts = None
+        positions = list(range(len(idx)))
+        if ctx.enabled:
+            counts = global_counts(*_label_flags(run.train_graphs, idx))
+            positions = shard(positions, ctx.rank, ctx.world_size)
+        empty = not positions
+        if empty:  # fewer structures than processes: take part in the gradient reduction with weight 0
+            positions = [0]
+        batch = collate([run.train_graphs[idx[p]] for p in positions], run.dtype, run.device)
+        if rots is not None:
+            batch = rotate_batch(batch, torch.from_numpy(rots[positions]).to(run.device))
         run.optimizer.zero_grad(set_to_none=True)
-        pred = predict(model, batch, create_graph=True)
-        loss = batch_loss(pred, batch, config)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"training diverged at epoch {epoch} (loss {float(loss)}); "
+        pred = run.step(batch)
+        loss = batch_loss(pred, batch, config, counts)
+        if empty:
+            loss = loss * 0.0
+        over = deadline is not None and time.monotonic() > deadline
+        total, over_any = gather_sum(ctx, torch.tensor([float(loss.detach()), float(over)], dtype=torch.float64))
+        if not math.isfinite(float(total)):
+            raise RuntimeError(f"training diverged at epoch {epoch} (loss {float(total)}); "
                                "lower lr or use --dtype float64")
-        loss.backward()
+        (loss * ctx.world_size if ctx.enabled else loss).backward()
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         run.optimizer.step()
         if run.ema is not None:
             run.ema.update(model)
-        acc.add({k: v.detach() for k, v in pred.items()}, batch)
-        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
-        if deadline is not None and time.monotonic() > deadline:
+        if not empty:
+            acc.add({k: v.detach() for k, v in pred.items()}, batch)
+        bar.set_postfix(loss=f"{float(total):.4g}")
+        if float(over_any) > 0:
             timed_out = True
             break
     bar.close()
+    if ctx.enabled:
+        acc.sums = gather_accumulator_sums(ctx, acc.sums)
     return acc, timed_out
 
 
 def _validate(run: _Run, acc: ErrorAccumulator) -> ErrorAccumulator:
-    """Validation errors (EMA weights when on; the training errors when there is no validation set)."""
+    """Validation errors (EMA weights when on; the training errors when there is no validation set),
+    each process evaluating its shard of the validation set, summed over the processes."""
     run.model.eval()
+    if not len(run.val_graphs):
+        return acc
     ctx = run.ema.applied(run.model) if run.ema is not None else contextlib.nullcontext()
+    mine = shard(list(range(len(run.val_graphs))), run.ctx.rank, run.ctx.world_size)
     with ctx:
-        if not run.val_graphs:
-            return acc
-        return evaluate_graphs(run.model, run.val_graphs, run.config.batch_size, run.dtype, run.device)
+        val = evaluate_graphs(run.model, [run.val_graphs[k] for k in mine], run.config.batch_size, run.dtype,
+                              run.device)
+    if run.ctx.enabled:
+        val.sums = gather_accumulator_sums(run.ctx, val.sums)
+    return val
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _checkpoint_state(run: _Run, epoch: int, metrics: dict, elapsed: float) -> dict:
@@ -513,6 +673,7 @@ def _checkpoint_state(run: _Run, epoch: int, metrics: dict, elapsed: float) -> d
         "epoch": epoch, "best_loss": run.best_loss, "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs,
         "split": run.split, "metrics": metrics, "elapsed_s": elapsed,
         "example_structure": _example_structure(run.train_graphs[0]), "data_digest": run.data_digest,
+        "world_size": run.ctx.world_size,
     }
 
 
@@ -526,26 +687,34 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     torch's thread count is restored on return when ``num_threads`` changed it.
     """
     threads = torch.get_num_threads()
+    ctx_holder: List[DistContext] = []
     try:
-        return _train(config, resume, progress, log, resume_overrides)
+        return _train(config, resume, progress, log, resume_overrides, ctx_holder)
     finally:
         torch.set_num_threads(threads)
+        for ctx in ctx_holder:
+            teardown_distributed(ctx)
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str], None],
-           resume_overrides: Optional[Dict[str, object]]) -> dict:
-    run = _setup(config, resume, progress, resume_overrides)
-    config = run.config
-    try:
-        os.makedirs(config.out, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the run directory '{config.out}' ({exc.strerror}); choose another --out") \
-            from None
-    metrics_log = MetricsLog(os.path.join(config.out, "metrics.csv"),
-                             resume_epoch=run.start_epoch - 1 if run.state is not None else None)
+           resume_overrides: Optional[Dict[str, object]], ctx_holder: list) -> dict:
+    run = _setup(config, resume, progress and process_rank() == 0, resume_overrides, ctx_holder)
+    config, main = run.config, run.ctx.is_main
+    if not main:  # only rank 0 writes files and reports
+        log = _silent
+    metrics_log = None
+    if main:
+        try:
+            os.makedirs(config.out, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory '{config.out}' ({exc.strerror}); choose another "
+                              "--out") from None
+        metrics_log = MetricsLog(os.path.join(config.out, "metrics.csv"),
+                                 resume_epoch=run.start_epoch - 1 if run.state is not None else None)
     log(f"equiforce {__version__}: {len(run.train_graphs)} train / {len(run.val_graphs)} val / "
         f"{len(run.split['test'])} test structures, species {run.species}, "
         f"{sum(p.numel() for p in run.model.parameters())} parameters, {config.dtype} on {run.device}"
+        + (f" x {run.ctx.world_size} processes ({run.ctx.backend})" if run.ctx.enabled else "")
         + (f", resuming at epoch {run.start_epoch}" if run.state else ""))
 
     t0 = time.monotonic()
@@ -571,10 +740,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         ckpt = _checkpoint_state(run, epoch, {"train": tm, "val": vm, "train_loss": train_loss, "val_loss": val_loss},
                                  elapsed)
         # checkpoints first, then the metrics row: a failed write leaves no row for an unsaved epoch
-        if improved:
-            save_checkpoint(run.best_path, ckpt)
-        save_checkpoint(run.last_path, ckpt)
-        metrics_log.append(epoch, lr, train_loss, val_loss, tm, vm, elapsed)
+        if metrics_log is not None:
+            if improved:
+                save_checkpoint(run.best_path, ckpt)
+            save_checkpoint(run.last_path, ckpt)
+            metrics_log.append(epoch, lr, train_loss, val_loss, tm, vm, elapsed)
         log(f"epoch {epoch:4d}  lr {lr:.3g}  loss {train_loss:.4g}/{val_loss:.4g}  "
             f"E {vm['energy_mae_mev_per_atom']:.3g} meV/atom  F {vm['force_mae_mev_per_a']:.3g} meV/A"
             + ("" if math.isnan(vm["dipole_mae_e_a"]) else f"  mu {vm['dipole_mae_e_a']:.3g} eA")
@@ -587,6 +757,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str
         if config.early_stopping_patience and run.bad_epochs >= config.early_stopping_patience:
             stop_reason = "early_stopping"
             break
+    barrier(run.ctx)  # every process returns after rank 0 has written the last checkpoint
     log(f"stopped ({stop_reason}) after epoch {epoch}; best epoch {run.best_epoch} (val loss {run.best_loss:.4g}) "
         f"saved in {run.best_path}")
     return {"out": config.out, "epoch": epoch, "best_epoch": run.best_epoch, "best_loss": run.best_loss,
