@@ -12,7 +12,10 @@ Loop (ethanol, GFN2-xTB through tblite; everything small enough for a 2-core lap
 2. explore   Langevin MD at ``--md-temperature`` driven by the committee mean (ASE
              EquiforceCalculator), one candidate frame every ``--stride`` steps with its
              ``max_force_uncertainty``;
-3. select    the candidates over ``--threshold`` eV/Å (the ``--per-iteration`` most uncertain of them);
+3. select    the candidates whose max force uncertainty lies between ``--threshold`` and ``--upper``
+             eV/Å (DP-GEN's trust window: above the upper level the trajectory has left physical
+             structures and such frames teach the model nothing useful), at most ``--per-iteration``
+             of them, spread evenly over the trajectory;
 4. label     them with GFN2-xTB and add them to the pool; back to 1 (``--iterations`` times).
 
 After every training the committee is evaluated on the fixed test set: force MAE / RMSE of the
@@ -49,7 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--md-temperature", type=float, default=1200.0, help="exploration / hot test temperature, K (1200)")
     p.add_argument("--md-steps", type=int, default=600, help="exploration MD steps of 0.5 fs per iteration (600)")
     p.add_argument("--stride", type=int, default=10, help="MD steps between candidate frames (10)")
-    p.add_argument("--threshold", type=float, default=0.15, help="max force uncertainty (eV/Å) that selects a frame (0.15)")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="lower trust level: max force uncertainty (eV/Å) above which a frame is labelled (0.3)")
+    p.add_argument("--upper", type=float, default=1.0,
+                   help="upper trust level (eV/Å): frames more uncertain than this are left out, as DP-GEN does "
+                        "(the model has already broken down there: bonds torn, atoms overlapping) (1.0)")
     p.add_argument("--bad-error", type=float, default=0.5,
                    help="true max per-atom force error (eV/Å) that makes a test frame 'bad' for recall (0.5)")
     p.add_argument("--per-iteration", type=int, default=20, help="most frames labelled per iteration (20)")
@@ -149,7 +156,8 @@ def explore(committee: str, start, args, seed: int):
     atoms.calc = EquiforceCalculator(committee)
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=args.md_temperature, rng=rng)
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=args.md_temperature, friction=0.01 / units.fs, rng=rng)
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=args.md_temperature, friction=0.01 / units.fs, rng=rng,
+                   fixcm=False)
     candidates = []
     for _ in range(args.md_steps // args.stride):
         try:
@@ -201,10 +209,12 @@ def main(argv=None) -> int:
         if it == args.iterations:
             break
         candidates = explore(committee, start, args, seed=args.seed + 1000 + it)
-        over = sorted((c for c in candidates if c[0] > args.threshold), key=lambda c: -c[0])
-        chosen = over[:args.per_iteration]
-        print(f"    explore {args.md_temperature:g} K: {len(candidates)} candidates, {len(over)} over "
-              f"{args.threshold} eV/Å, labelling {len(chosen)} with GFN2-xTB")
+        over = [c for c in candidates if args.threshold < c[0] <= args.upper]
+        picks = np.unique(np.linspace(0, len(over) - 1, min(len(over), args.per_iteration)).round().astype(int))
+        chosen = [over[k] for k in picks] if over else []
+        print(f"    explore {args.md_temperature:g} K: {len(candidates)} candidates, {len(over)} in the trust window "
+              f"({args.threshold}, {args.upper}] eV/Å, {sum(c[0] > args.upper for c in candidates)} above it; "
+              f"labelling {len(chosen)} with GFN2-xTB")
         metrics["selected"] = len(chosen)
         metrics["candidates_over_threshold"] = len(over)
         pool_frames += [label_structure(frame, periodic=False) for _, frame in chosen]
