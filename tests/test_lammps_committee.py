@@ -83,18 +83,22 @@ def member_runs(setup):
     return out
 
 
-@pytest.mark.parametrize("nprocs,uncertainty", [(1, True), (2, True), (2, False)],
-                         ids=["1rank-images", "2ranks-gather", "2ranks-mean-only"])
-def test_committee_mean_and_spread_in_lammps(setup, member_runs, nprocs, uncertainty):
+@pytest.mark.parametrize("nprocs,uncertainty,path", [
+    (1, True, "auto"), pytest.param(2, True, "auto", marks=pytest.mark.mpi),
+    pytest.param(2, False, "ghost_shell", marks=pytest.mark.mpi)],
+    ids=["1rank-images", "2ranks-gather", "2ranks-ghost-shell-mean-only"])
+def test_committee_mean_and_spread_in_lammps(setup, member_runs, nprocs, uncertainty, path):
     if nprocs > 1 and not mpirun_available():
         pytest.fail("mpirun of the venv is missing (the mpich wheel provides it)")
     n = len(setup["structure"].symbols)
     dump = f"committee_{nprocs}_{int(uncertainty)}.dump"
-    style = "pair_style equiforce device cpu" + (" uncertainty yes" if uncertainty else "")
+    style = f"pair_style equiforce device cpu path {path}" + (" uncertainty yes" if uncertainty else "")
     text = committee_deck(setup, style, dump, extra=UNC if uncertainty else "")
     r = run_ok(text, setup["dir"], nprocs=nprocs, name=f"in.c{nprocs}{int(uncertainty)}")
     if uncertainty and nprocs > 1:
         assert "gather path" in r.stdout and "'uncertainty yes' needs every member's complete force" in r.stdout
+    if path == "ghost_shell":
+        assert "ghost-shell path" in r.stdout
     assert "committee of 3 members" in r.stdout
     e, press = parse_result(r.stdout)
     frame = read_dump(os.path.join(setup["dir"], dump))[0]
@@ -131,7 +135,7 @@ def test_committee_mean_and_spread_in_lammps(setup, member_runs, nprocs, uncerta
     assert unc.min() > 1e-6  # distinct members: every atom has a spread
 
 
-@pytest.mark.parametrize("nprocs", [1, 2], ids=["1rank", "2ranks"])
+@pytest.mark.parametrize("nprocs", [1, pytest.param(2, marks=pytest.mark.mpi)], ids=["1rank", "2ranks"])
 def test_threshold_stop_writes_the_frame_and_ends_the_run(setup, nprocs):
     if nprocs > 1 and not mpirun_available():
         pytest.fail("mpirun of the venv is missing (the mpich wheel provides it)")
