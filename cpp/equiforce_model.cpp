@@ -1,6 +1,7 @@
 // equiforce C++ runtime, see equiforce_model.h.
 #include "equiforce_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <memory>
@@ -105,6 +106,14 @@ Metadata parse_metadata(const std::string &json, const std::string &path) {
                   " masses for " + std::to_string(m.species.size()) + " species; re-export the model with "
                   "`equiforce export`");
   }
+  auto committee = root.find("committee");
+  if (committee != root.end() && committee->is_object()) {
+    auto size = committee->find("size");
+    if (size == committee->end() || !size->is_number_integer() || size->get<int64_t>() < 1)
+      throw Error("model file '" + path + "': metadata committee has no valid 'size' (number of members); re-export "
+                  "the committee with `equiforce export RUN_A RUN_B ... -o committee.pt`");
+    m.committee_size = static_cast<int>(size->get<int64_t>());
+  }
   if (root.contains("min_distance")) {
     m.min_distance = require(root, "min_distance", &Json::is_number, "a number", path).get<double>();
     if (!(m.min_distance >= 0.0))
@@ -184,8 +193,9 @@ int Model::species_index(const std::string &name) const {
   return -1;
 }
 
-Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, const torch::Tensor &edge_index,
-                      const torch::Tensor &edge_shift, const torch::Tensor &cell, int64_t n_local) {
+std::vector<torch::jit::IValue> Model::prepare_inputs(const torch::Tensor &pos, const torch::Tensor &species,
+                                                     const torch::Tensor &edge_index, const torch::Tensor &edge_shift,
+                                                     const torch::Tensor &cell, int64_t n_local) {
   check_tensor(pos, "pos", -1, 3, 2);
   const int64_t n = pos.size(0);
   check_tensor(species, "species", n, -1, 1);
@@ -231,6 +241,13 @@ Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, co
   inputs.emplace_back(cell.defined() ? cell.to(fopt).contiguous() : torch::zeros({3, 3}, fopt));
   inputs.emplace_back(n_local);
 
+  return inputs;
+}
+
+Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, const torch::Tensor &edge_index,
+                      const torch::Tensor &edge_shift, const torch::Tensor &cell, int64_t n_local) {
+  auto inputs = prepare_inputs(pos, species, edge_index, edge_shift, cell, n_local);
+  const int64_t n = pos.size(0);
   torch::jit::IValue out;
   try {
     torch::AutoGradMode grad_mode(true);  // the module takes autograd forces inside
@@ -256,6 +273,52 @@ Result Model::compute(const torch::Tensor &pos, const torch::Tensor &species, co
   if (r.atom_energy.numel() != n || r.forces.numel() != 3 * n || r.virial.numel() != 9)
     throw Error("equiforce: model '" + path_ + "' returned outputs of unexpected shape");
   return r;
+}
+
+CommitteeResult Model::compute_committee(const torch::Tensor &pos, const torch::Tensor &species,
+                                         const torch::Tensor &edge_index, const torch::Tensor &edge_shift,
+                                         const torch::Tensor &cell, int64_t n_local) {
+  if (meta_.committee_size < 1)
+    throw Error("equiforce: model '" + path_ + "' is a single model, not a committee, so it has no uncertainty; "
+                "export several runs into one file (`equiforce export RUN_A RUN_B RUN_C -o committee.pt`)");
+  auto inputs = prepare_inputs(pos, species, edge_index, edge_shift, cell, n_local);
+  const int64_t n = pos.size(0);
+  torch::jit::IValue out;
+  try {
+    torch::AutoGradMode grad_mode(true);
+    torch::jit::GraphOptimizerEnabledGuard no_reoptimisation(false);  // as in compute()
+    out = module_.get_method("committee")(inputs);
+  } catch (const std::exception &e) {
+    throw Error("equiforce: evaluating the committee of model '" + path_ + "' failed: " + first_line(e.what()));
+  }
+  auto tup = out.toTuple();
+  if (tup->elements().size() != 4)
+    throw Error("equiforce: committee of model '" + path_ + "' returned " + std::to_string(tup->elements().size()) +
+                " outputs, expected (energy[M], per_atom_energy[M, N], forces[M, N, 3], virial[M, 3, 3])");
+  auto cpu64 = torch::TensorOptions().dtype(torch::kFloat64).device(torch::kCPU);
+  // the mean in the model dtype on the model device, as the file's forward takes it
+  auto mean_of = [&](int k) { return tup->elements()[k].toTensor().detach().mean(0).to(cpu64).contiguous(); };
+  CommitteeResult c;
+  c.mean.energy = mean_of(0).item<double>();
+  c.mean.atom_energy = mean_of(1);
+  c.mean.forces = mean_of(2);
+  c.mean.virial = mean_of(3);
+  c.energies = tup->elements()[0].toTensor().detach().to(cpu64).contiguous();
+  c.forces = tup->elements()[2].toTensor().detach().to(cpu64).contiguous();
+  const int64_t m = c.energies.numel();
+  if (m != meta_.committee_size || c.forces.dim() != 3 || c.forces.size(0) != m || c.forces.size(1) != n ||
+      c.forces.size(2) != 3 || c.mean.atom_energy.numel() != n || c.mean.virial.numel() != 9)
+    throw Error("equiforce: committee of model '" + path_ + "' returned outputs of unexpected shape");
+  // deviations from the first member, var = mean(d^2) - mean(d)^2 (as committee_uncertainty in
+  // Python): the spread about the mean, and exactly 0 for identical members
+  auto de = c.energies - c.energies[0];
+  const double var_e = (de * de).mean().item<double>() - std::pow(de.mean().item<double>(), 2);
+  c.energy_uncertainty = std::sqrt(std::max(var_e, 0.0));
+  auto df = c.forces - c.forces.narrow(0, 0, 1);
+  auto mean_df = df.mean(0);
+  auto var_f = (df * df).sum(2).mean(0) - (mean_df * mean_df).sum(1);
+  c.force_uncertainty = var_f.clamp_min(0.0).sqrt().contiguous();
+  return c;
 }
 
 }  // namespace equiforce

@@ -42,6 +42,7 @@ struct Metadata {
   std::vector<int64_t> layer_dims;   // feature widths [d0, ..., dL] of the per-layer entry points
   double min_distance = 0.5;         // closest approach (Angstrom) the model is valid for (units.MIN_DISTANCE)
   std::vector<double> masses;        // standard atomic mass (amu) of each species, same order as species
+  int committee_size = 0;            // members of a committee file ("committee": {"size": M}), 0 otherwise
   std::string json;                  // the raw metadata text
 };
 
@@ -59,6 +60,16 @@ struct Result {
   torch::Tensor atom_energy;  // [N] eV (CPU, float64)
   torch::Tensor forces;       // [N, 3] eV/Angstrom (CPU, float64), -dE/dpos on every atom given
   torch::Tensor virial;       // [3, 3] eV (CPU, float64)
+};
+
+// A committee file's members (python/equiforce/deploy/committee.py) and their spread.
+struct CommitteeResult {
+  Result mean;                   // the members' mean: exactly what the file's forward returns
+  torch::Tensor energies;        // [M] eV (CPU, float64)
+  torch::Tensor forces;          // [M, N, 3] eV/Angstrom (CPU, float64)
+  double energy_uncertainty = 0.0;  // eV: standard deviation of the members' energies (population form)
+  torch::Tensor force_uncertainty;  // [N] eV/Angstrom: per atom, RMS deviation of the members' force vectors
+                                    // from their mean, sqrt(mean_m |F_m,i - mean F_i|^2)
 };
 
 class Model {
@@ -87,7 +98,19 @@ class Model {
   Result compute(const torch::Tensor &pos, const torch::Tensor &species, const torch::Tensor &edge_index,
                  const torch::Tensor &edge_shift, const torch::Tensor &cell, int64_t n_local);
 
+  // A committee file (metadata committee_size > 0): every member on the same inputs (one call of
+  // the file's `committee` method, same arguments as compute) with their mean and spread. Throws
+  // Error for a file that is not a committee.
+  CommitteeResult compute_committee(const torch::Tensor &pos, const torch::Tensor &species,
+                                    const torch::Tensor &edge_index, const torch::Tensor &edge_shift,
+                                    const torch::Tensor &cell, int64_t n_local);
+
  private:
+  // checked, cast and re-referenced arguments of forward / committee (see compute)
+  std::vector<torch::jit::IValue> prepare_inputs(const torch::Tensor &pos, const torch::Tensor &species,
+                                                 const torch::Tensor &edge_index, const torch::Tensor &edge_shift,
+                                                 const torch::Tensor &cell, int64_t n_local);
+
   // Throws Error when the module's kMetadataAttribute differs from the extra file's text `json`.
   void check_metadata_attribute(const std::string &json) const;
 

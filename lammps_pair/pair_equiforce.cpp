@@ -42,6 +42,8 @@ PairEquiforce::PairEquiforce(LAMMPS *lmp) : Pair(lmp) {
   ghostneigh = 1;                // neighbour lists of ghost atoms are needed (multi-layer models)
   no_virial_fdotr_compute = 1;   // the model returns the virial (see compute())
   centroidstressflag = CENTROID_NOTAVAIL;
+  nextra = 0;         // 2 with `uncertainty yes` (compute pair equiforce: max force / energy uncertainty)
+  pvector = pextra_;
   const char *dump = std::getenv("EQUIFORCE_DUMP_EDGES");
   if (dump && *dump) dump_path_ = dump;
   tune_malloc();
@@ -95,6 +97,8 @@ bool PairEquiforce::blas_overridden(std::string &torch_path) {
 /* ---------------------------------------------------------------------- */
 
 PairEquiforce::~PairEquiforce() {
+  memory->destroy(force_unc_);
+  pvector = nullptr;  // pextra_, not allocated
   if (allocated) {
     memory->destroy(setflag);
     memory->destroy(cutsq);
@@ -126,15 +130,22 @@ void PairEquiforce::allocate() {
 
 static const char *kUsage =
     "usage: pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell] "
-    "[check_masses yes|no]";
+    "[check_masses yes|no] [uncertainty yes|no] [threshold F] [on_exceed warn|stop] [frames FILE]";
 
 void PairEquiforce::settings(int narg, char **arg) {
   int iarg = 0;
   path_request_ = AUTO;
   device_request_ = "auto";
   check_masses_ = true;
+  uncertainty_ = false;
+  threshold_ = 0.0;
+  stop_on_exceed_ = false;
+  frames_path_.clear();
+  bool threshold_keywords = false;
   while (iarg < narg) {
-    if (strcmp(arg[iarg], "device") == 0) {
+    if (parse_uncertainty_keyword(narg, arg, iarg)) {
+      threshold_keywords = threshold_keywords || strcmp(arg[iarg - 2], "uncertainty") != 0;
+    } else if (strcmp(arg[iarg], "device") == 0) {
       if (iarg + 1 >= narg)
         error->all(FLERR, "pair_style equiforce: 'device' needs a value: cpu, cuda, cuda:N or auto");
       device_request_ = arg[iarg + 1];
@@ -164,6 +175,14 @@ void PairEquiforce::settings(int narg, char **arg) {
                  kUsage);
     }
   }
+  if (threshold_keywords && !uncertainty_)
+    error->all(FLERR, "pair_style equiforce: 'threshold', 'on_exceed' and 'frames' act on the committee uncertainty; "
+                      "add 'uncertainty yes' (with a committee file from `equiforce export RUN_A RUN_B ... -o "
+                      "committee.pt`)");
+  if (uncertainty_ && (stop_on_exceed_ || !frames_path_.empty()) && threshold_ <= 0.0)
+    error->all(FLERR, "pair_style equiforce: 'on_exceed stop' and 'frames' need a 'threshold F' (eV/A, on the "
+                      "largest per-atom force uncertainty)");
+  nextra = uncertainty_ ? 2 : 0;
 }
 
 /* ----------------------------------------------------------------------
@@ -268,7 +287,8 @@ void PairEquiforce::log_model(const char *file, const torch::Device &device) {
       "pair equiforce: model {} (format_version {}, {}, r_max {} A, {} layer(s), receptive field {} A{}) "
       "on {}, {} torch thread(s) per rank{}\n  type -> element -> model species index\n",
       file, meta.format_version, meta.dtype, r_max_, num_layers_, receptive_field_,
-      stepper_ ? ", per-layer entry points" : "", device.str(), at::get_num_threads(),
+      stepper_ ? ", per-layer entry points" : meta.committee_size > 0 ?
+          fmt::format(", committee of {} members: forces are their mean", meta.committee_size) : "", device.str(), at::get_num_threads(),
       malloc_tuned_ ? "; glibc malloc keeps freed blocks up to 1 GB (EQUIFORCE_MALLOC_TUNING=0 to disable)" : "");
   for (int t = 1; t <= atom->ntypes; t++)
     msg += fmt::format("  {:4d} -> {:>4} -> {}\n", t, type_elements_[t],
@@ -328,6 +348,7 @@ void PairEquiforce::init_style() {
                           "topology)", force->special_lj[1], force->special_lj[2], force->special_lj[3],
                    force->special_coul[1], force->special_coul[2], force->special_coul[3]);
   if (check_masses_) check_masses();
+  init_uncertainty();
   choose_path();
   const bool ghosts = path_ == GHOST_SHELL;
   ghostneigh = ghosts ? 1 : 0;  // read by Neighbor::init(), which runs after this
@@ -361,6 +382,9 @@ void PairEquiforce::choose_path() {
       path_ = IMAGES;
     } else if (long_range_) {
       path_ = GATHER;
+    } else if (uncertainty_) {
+      path_ = GATHER;
+      auto_reason_ = "path auto: 'uncertainty yes' needs every member's complete force on each atom on one rank";
     } else if (stepper_) {
       path_ = EXCHANGE;
       auto_reason_ = "path auto: the model file has per-layer entry points";
@@ -383,6 +407,10 @@ void PairEquiforce::choose_path() {
     error->all(FLERR, "pair_style equiforce: this model has long-range electrostatics (metadata 'long_range'), "
                       "which need every atom of the system in one model call; the ghost-shell path cannot give "
                       "that. Use 'path auto' or 'path gather' (every rank evaluates the gathered system)");
+  if (uncertainty_ && (path_ == GHOST_SHELL || path_ == EXCHANGE))
+    error->all(FLERR, "pair_style equiforce: 'uncertainty yes' needs every member's complete force on each atom in "
+                      "one model call, which 'path {}' does not give; use 'path auto' (images on one rank, gather "
+                      "on several)", path_ == GHOST_SHELL ? "ghost_shell" : "exchange");
   if (path_ == EXCHANGE && !stepper_)
     error->all(FLERR, "pair_style equiforce: 'path exchange' needs a model file with per-layer entry points, "
                       "and model '{}' cannot be stepped layer by layer: {}. Use 'path auto' (gather or ghost "
@@ -463,6 +491,7 @@ void PairEquiforce::compute(int eflag, int vflag) {
                       "per-layer entry points; works on one MPI rank too)");
 
   check_min_distance();
+  if (uncertainty_) grow_uncertainty();
   if (path_ == EXCHANGE) {
     compute_exchange();
     return;
@@ -512,6 +541,16 @@ equiforce::Result PairEquiforce::run_model(const torch::Tensor &pos, const torch
   if (!dump_path_.empty()) dump_edges(pos, tags, edges, shifts, n_local);
 
   equiforce::Result res;
+  if (uncertainty_) {
+    equiforce::CommitteeResult c;
+    try {
+      c = model_->compute_committee(pos, species, edge_index, edge_shift, cell, n_local);
+    } catch (const std::exception &e) {
+      error->one(FLERR, std::string("pair equiforce: ") + e.what());
+    }
+    check_uncertainty(c, pos, species, tags, n_local);
+    return c.mean;
+  }
   try {
     res = model_->compute(pos, species, edge_index, edge_shift, cell, n_local);
   } catch (const std::exception &e) {
@@ -569,6 +608,10 @@ void PairEquiforce::tally(const equiforce::Result &res, const std::vector<int> &
   for (int k = 0; k < n_forces; k++) {
     const int i = atoms[k];
     for (int d = 0; d < 3; d++) f[i][d] += fr[3 * (row0 + k) + d];
+  }
+  if (uncertainty_ && unc_rows_.defined()) {  // images / gather paths: rows are complete atoms
+    const double *u = unc_rows_.data_ptr<double>();
+    for (int k = 0; k < n_forces; k++) force_unc_[atoms[k]] = u[row0 + k];
   }
   if (eflag_atom) {
     const double *ea = res.atom_energy.data_ptr<double>();

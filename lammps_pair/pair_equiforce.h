@@ -1,8 +1,19 @@
 // pair_style equiforce: runs an exported equiforce model (see cpp/equiforce_model.h) in LAMMPS.
 //
 //   pair_style equiforce [device cpu|cuda|cuda:N|auto] [path auto|images|exchange|gather|ghost_shell]
-//                        [check_masses yes|no]
+//                        [check_masses yes|no] [uncertainty yes|no] [threshold F] [on_exceed warn|stop]
+//                        [frames FILE]
 //   pair_coeff * * model.pt El1 El2 ...     (one element per atom type, NULL = not this style)
+//
+// Committee files (python/equiforce/deploy/committee.py) run on every path like any file (their
+// forward is the members' mean). `uncertainty yes` (committee files only; path_uncertainty.cpp)
+// calls the file's `committee` method instead and reports the members' spread: per-atom force
+// uncertainty (eV/A) through extract_peratom("force_uncertainty") for `fix ID all pair N equiforce
+// force_uncertainty 0`, and two global values through `compute ID all pair equiforce`:
+// c_ID[1] = max force uncertainty (eV/A), c_ID[2] = energy uncertainty (eV). `threshold F` (eV/A)
+// compares the max with F at every force call: on_exceed warn (default) warns, stop ends the run
+// with an error; `frames FILE` appends each such frame to FILE (extxyz). Needs the complete
+// member forces of every atom on one rank: images path on one rank, gather path on several.
 //
 // Four exact evaluation paths, one file each (the Pair methods here hold settings, coeff,
 // init_style, init_one, compute and the shared run_model / tally):
@@ -56,6 +67,9 @@ class PairEquiforce : public Pair {
   void unpack_forward_comm(int, int, double *) override;
   int pack_reverse_comm(int, int, double *) override;
   void unpack_reverse_comm(int, int *, double *) override;
+  // committee uncertainty (path_uncertainty.cpp)
+  void *extract_peratom(const char *, int &) override;
+  void *extract(const char *, int &) override;
 
  protected:
   void allocate();
@@ -116,6 +130,14 @@ class PairEquiforce : public Pair {
                               std::vector<double> &shifts, int n_local, const std::vector<int64_t> &tags);
   void tally(const equiforce::Result &res, const std::vector<int> &atoms, int row0, int n_forces, int n_eatom,
              bool global);
+  // committee uncertainty (path_uncertainty.cpp)
+  bool parse_uncertainty_keyword(int narg, char **arg, int &iarg);
+  void init_uncertainty();
+  void grow_uncertainty();
+  void check_uncertainty(const equiforce::CommitteeResult &c, const torch::Tensor &pos, const torch::Tensor &species,
+                         const std::vector<int64_t> &tags, int n_local);
+  void write_frame(const equiforce::CommitteeResult &c, const torch::Tensor &pos, const torch::Tensor &species,
+                   const std::vector<int64_t> &tags, int n_local, int worst);
   void dump_edges(const torch::Tensor &pos, const std::vector<int64_t> &tags, const std::vector<int64_t> &edges,
                   const std::vector<double> &shifts, int n_local);
 
@@ -141,6 +163,19 @@ class PairEquiforce : public Pair {
   // exchange path: the rows being communicated ([nall * xwidth_], host) and their width
   double *xrows_ = nullptr;
   int xwidth_ = 0;
+  // committee uncertainty (`uncertainty yes`, path_uncertainty.cpp)
+  bool uncertainty_ = false;
+  double threshold_ = 0.0;          // eV/A on the max force uncertainty; 0 = no threshold
+  bool stop_on_exceed_ = false;     // on_exceed stop (else warn)
+  std::string frames_path_;         // extxyz file the frames over the threshold are appended to
+  double *force_unc_ = nullptr;     // [nmax] per-atom force uncertainty (eV/A) of the local atoms
+  int nmax_unc_ = 0;
+  double pextra_[2] = {0.0, 0.0};   // pvector: max force uncertainty, energy uncertainty (rank 0; 0 elsewhere)
+  double max_force_unc_ = 0.0;      // the last call's values, the same on every rank (extract)
+  double energy_unc_ = 0.0;
+  torch::Tensor unc_rows_;          // [rows] force uncertainty of the rows of the last model call
+  int warnings_ = 0;                // threshold warnings printed so far
+  bigint exceeded_ = 0;             // force calls over the threshold
 };
 
 }  // namespace LAMMPS_NS

@@ -201,7 +201,9 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 # export / info / eval / plot / check / lammps-plugin-dir
 # ---------------------------------------------------------------------------------------------
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run directory written by `equiforce train` (or a checkpoint file)")
+    p.add_argument("run_dir", nargs="+",
+                   help="run directory written by `equiforce train` (or a checkpoint file); several give ONE "
+                        "committee file (mean + uncertainty; same species and r_max)")
     p.add_argument("-o", "--output", required=True, help="exported TorchScript file to write, e.g. model.pt")
     p.add_argument("--dtype", choices=["float32", "float64"], help="dtype of the exported model (training dtype)")
     p.add_argument("--portable", action="store_true",
@@ -215,11 +217,13 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if len(args.run_dir) > 1:
+        return _run_export_committee(args)
     from .deploy.export import export_model
     from .training.checkpoints import load_checkpoint, model_from_checkpoint
     from .units import dtype_from_name
 
-    path = args.run_dir
+    path = args.run_dir[0]
     if os.path.isdir(path):
         path = os.path.join(path, f"{args.checkpoint}.pt")
     state = load_checkpoint(path)
@@ -249,6 +253,42 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"exported {path} (epoch {state['epoch']}, EMA weights) to {args.output}: species {meta['species']}, "
           f"r_max {meta['r_max']} Å, {meta['num_layers']} layers, {meta['dtype']}, symmetry {meta['symmetry']}"
           + ("" if meta["custom_ops"] else ", portable (no compiled ops)"))
+    return 0
+
+
+def _run_export_committee(args: argparse.Namespace) -> int:
+    """`equiforce export RUN_A RUN_B ... -o committee.pt`: one committee file (deploy/committee.py)."""
+    from .deploy.committee import export_committee
+    from .errors import UserError
+    from .training.checkpoints import load_checkpoint, model_from_checkpoint
+    from .units import dtype_from_name
+
+    if args.total_charge != 0.0:
+        raise UserError("--total-charge applies to long-range models, which a committee cannot hold; drop it")
+    models, symmetries, sources, infos, dtypes = [], [], [], [], []
+    check = None
+    for run in args.run_dir:
+        path = os.path.join(run, f"{args.checkpoint}.pt") if os.path.isdir(run) else run
+        state = load_checkpoint(path)
+        model, config = model_from_checkpoint(state, use_ema=True)
+        models.append(model.for_export(fused=not args.portable))
+        symmetries.append(config.model.symmetry)
+        sources.append(run)
+        dtypes.append(config.dtype)
+        infos.append({"epoch": int(state["epoch"]), "data": os.path.basename(config.data),
+                      "model_config": config.model.to_dict()})
+        ex = state.get("example_structure")
+        if check is None and ex is not None:
+            check = (ex["pos"], ex["species"], ex["edge_index"], ex["edge_shift"], ex["cell"])
+    if args.dtype is None and len(set(dtypes)) > 1:
+        raise UserError(f"the runs were trained in different dtypes ({', '.join(sorted(set(dtypes)))}); a committee "
+                        "file has one: choose it with --dtype float32 or --dtype float64")
+    dtype = dtype_from_name(args.dtype or dtypes[0])
+    meta = export_committee(models, args.output, dtype, symmetries=symmetries, sources=sources,
+                            member_metadata=infos, check_structure=check)
+    print(f"exported a committee of {len(models)} models ({', '.join(sources)}) to {args.output}: species "
+          f"{meta['species']}, r_max {meta['r_max']} Å, {meta['dtype']}; forward = members' mean, "
+          "method committee() = each member (energy/force uncertainty in ASE, LAMMPS, OpenMM)")
     return 0
 
 

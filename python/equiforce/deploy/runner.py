@@ -22,7 +22,7 @@ dipole e·Å, polarizability e·Å²/V. Errors are :class:`equiforce.errors.Data
 ``owner`` (e.g. ``"EquiforceCalculator"``) so a user sees which entry point refused.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ..data.neighbors import neighbor_list
 from ..errors import DataError
 from ..units import MIN_DISTANCE, dtype_from_name
 from .allocator import tune_malloc
+from .committee import CommitteeResult, committee_size, committee_uncertainty
 from .export import load_exported
 
 
@@ -91,6 +92,7 @@ class ExportedRunner:
         self.long_range: Optional[Dict] = meta.get("long_range")
         self.has_dipole = "dipole" in meta.get("outputs", [])
         self.has_polarizability = "polarizability" in meta.get("outputs", [])
+        self.committee_size = committee_size(meta)  # members of a committee file, 0 for a single model
         self._index = {name: k for k, name in enumerate(self.species)}
 
     # ------------------------------------------------------------------ checks and inputs
@@ -182,6 +184,25 @@ class ExportedRunner:
         """:meth:`run` on an ``ase.Atoms``."""
         return self.run(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, atoms.pbc,
                         total_charge, where)
+
+    def run_committee(self, x: ModelInputs) -> Tuple[RunResult, CommitteeResult]:
+        """A committee file's mean outputs (exactly what ``forward`` returns) and its members' energies,
+        forces and spread (:func:`equiforce.deploy.committee.committee_uncertainty`), from one call of
+        the file's ``committee`` method. DataError for a file that is not a committee."""
+        if not self.committee_size:
+            raise DataError(f"{self.owner}: '{self.path}' is a single model, not a committee, so it has no "
+                            "uncertainty; export several runs into one file: `equiforce export RUN_A RUN_B RUN_C "
+                            "-o committee.pt`")
+        with torch.jit.optimized_execution(False):
+            e, ea, f, w = self.module.committee(x.pos, x.species, x.edge_index, x.edge_shift, x.cell, x.n)
+        mean = RunResult(energy=float(e.mean(dim=0)), energies=ea.mean(dim=0).detach().cpu().double().numpy().copy(),
+                         forces=f.mean(dim=0).detach().cpu().double().numpy().copy(),
+                         virial=w.mean(dim=0).detach().cpu().double().numpy().copy())
+        energies = e.detach().cpu().double().numpy().copy()
+        forces = f.detach().cpu().double().numpy().copy()
+        e_unc, f_unc = committee_uncertainty(energies, forces)
+        return mean, CommitteeResult(energies=energies, forces=forces, energy_uncertainty=e_unc,
+                                     force_uncertainty=f_unc)
 
     def dipole(self, positions, symbols: Sequence[str], cell=None, pbc=(False, False, False),
                total_charge: float = 0.0, where: str = "this structure") -> np.ndarray:

@@ -21,6 +21,10 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from ..deploy.runner import ExportedRunner
 
+# results of a committee file (equiforce.deploy.committee): eV, [N] eV/Å, eV/Å, [M] eV, [M, N, 3] eV/Å
+COMMITTEE_PROPERTIES = ["energy_uncertainty", "force_uncertainty", "max_force_uncertainty",
+                        "committee_energies", "committee_forces"]
+
 
 class EquiforceCalculator(Calculator):
     """Energy, per-atom energies, forces and (fully periodic cells only) stress from an exported model.
@@ -36,6 +40,11 @@ class EquiforceCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    # A committee file (`equiforce export RUN_A RUN_B ... -o committee.pt`) gives the members' mean as
+    # energy/forces/stress and adds COMMITTEE_PROPERTIES: results["energy_uncertainty"] (eV, standard
+    # deviation of the members' energies), results["force_uncertainty"] ([N] eV/Å, per atom the RMS
+    # deviation of the members' force vectors from their mean), "max_force_uncertainty" (eV/Å),
+    # "committee_energies" [M] and "committee_forces" [M, N, 3].
 
     def __init__(self, model_path: str, device: str = "cpu", **kwargs):
         super().__init__(**kwargs)
@@ -49,6 +58,9 @@ class EquiforceCalculator(Calculator):
         if self.runner.has_polarizability:
             # per instance: files without the head keep the class list
             self.implemented_properties = list(self.implemented_properties) + ["polarizability"]
+        self.committee_size = self.runner.committee_size
+        if self.committee_size:  # a committee file: the spread of its members as well
+            self.implemented_properties = list(self.implemented_properties) + COMMITTEE_PROPERTIES
 
     def species_indices(self, symbols: Sequence[str]) -> torch.Tensor:
         """Model species index of every atom [N] int64; ValueError naming any unknown element."""
@@ -63,7 +75,14 @@ class EquiforceCalculator(Calculator):
                 f"EquiforceCalculator: stress needs a fully periodic cell, these Atoms have pbc={pbc.tolist()}; "
                 "set pbc=True with a 3D cell or do not ask for stress")
         charge = atoms.info.get("charge")
-        res = self.runner.run_atoms(atoms, total_charge=None if charge is None else float(charge))
+        total_charge = None if charge is None else float(charge)
+        members = None
+        if self.committee_size:
+            self.runner.check_long_range(pbc, total_charge)
+            res, members = self.runner.run_committee(self.runner.inputs(atoms.positions, atoms.get_chemical_symbols(),
+                                                                        atoms.cell.array, atoms.pbc))
+        else:
+            res = self.runner.run_atoms(atoms, total_charge=total_charge)
         self.results = {
             "energy": res.energy,
             "free_energy": res.energy,
@@ -73,6 +92,14 @@ class EquiforceCalculator(Calculator):
         if self.runner.has_polarizability:
             self.results["polarizability"] = self.runner.polarizability(
                 atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, pbc)
+        if members is not None:
+            self.results.update({
+                "energy_uncertainty": members.energy_uncertainty,
+                "force_uncertainty": members.force_uncertainty,
+                "max_force_uncertainty": members.max_force_uncertainty,
+                "committee_energies": members.energies,
+                "committee_forces": members.forces,
+            })
         if pbc.all():
             volume = abs(float(np.linalg.det(atoms.cell.array)))
             self.results["stress"] = full_3x3_to_voigt_6_stress(-res.virial / volume)
