@@ -393,3 +393,42 @@ def test_lammps_matches_python(lammps_pme_case, tmp_path, nprocs, grid):
     assert rel_err(forces, ref_forces) < 1e-8
     assert rel_err(press6, ref["pressure6"]) < 1e-8
     assert abs(fr["c_pea"].sum() - energy) < 1e-8 * abs(energy)
+
+
+def test_training_run_and_cli_export(tmp_path):
+    """The trainer (forces and stress in the loss: second derivatives through the mesh) and
+    `equiforce export` with long_range = pme; the exported file equals the trained model."""
+    from helpers import write_dataset
+
+    from equiforce.cli import main as cli_main
+    from equiforce.data.dataset import load_dataset
+    from equiforce.training.config import build_config
+    from equiforce.training.loop import load_checkpoint, model_from_checkpoint, train
+
+    data = write_dataset(tmp_path / "d.extxyz", n=4, periodic=3, seed=3)
+    out = tmp_path / "run"
+    config = build_config(None, {
+        "data": data, "out": str(out), "dtype": "float64", "batch_size": 3, "epochs": 2, "val_fraction": 0.3,
+        "seed": 0, "num_threads": 1, "model.r_max": 3.0, "model.channels": 6, "model.lmax": 1,
+        "model.num_layers": 2, "model.radial_hidden": 8, "model.long_range": "pme", "model.long_range_cutoff": 5.0})
+    assert config.model.long_range_accuracy is None
+    losses = []
+    train(config, progress=False, log=lambda s: losses.append(s))
+    model, cfg = model_from_checkpoint(load_checkpoint(str(out / "best.pt")))
+    assert model.has_long_range and model.electrostatics.mesh is not None and model.electrostatics.accuracy == 1e-4
+    exported = str(tmp_path / "m.pt")
+    assert cli_main(["export", str(out), "-o", exported]) == 0
+    module, meta = load_exported(exported)
+    assert meta["long_range"]["method"] == "pme" and meta["long_range"]["real_space_cutoff"] == 5.0
+    graphs, _ = load_dataset(data, 3.0)
+    periodic = 0
+    for g in graphs:
+        cell = g["cell"] if bool(g["pbc"].all()) else torch.zeros(3, 3)
+        periodic += int(bool(g["pbc"].all()))
+        n = int(g["natoms"])
+        e, _, f, _ = module(g["pos"], g["species"], g["edge_index"], g["edge_shift"], cell, n)
+        ref = model_outputs(model, g["pos"], g["species"], g["edge_index"], g["edge_shift"],
+                            torch.zeros(n, dtype=torch.long), 1, cell=cell[None])
+        assert abs(float(e) - float(ref["energy"][0])) < 1e-10 * max(1.0, abs(float(e)))
+        assert np.abs(f.numpy() - ref["forces"].detach().numpy()).max() < 1e-10
+    assert periodic >= 1
