@@ -22,7 +22,7 @@ from equiforce.data.neighbors import neighbor_list
 from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import model_outputs
 from equiforce.nn.electrostatics import K_E, coulomb_per_atom, electrostatic_per_atom
-from equiforce.nn.mesh_electrostatics import MeshEwald, mesh_parameters
+from equiforce.nn.mesh_electrostatics import MeshEwald, mesh_parameters, mesh_points
 
 ACCURACY = 1e-4  # the default of long_range: pme
 
@@ -111,12 +111,10 @@ def test_box_change_rederives_the_mesh_and_keeps_accuracy():
     """NPT-like: one scripted module on a box 3 % smaller and 3 % larger than one whose first
     lattice vector sits at a mesh-size step; the mesh (points per lattice vector) is re-derived from
     each cell, and the forces stay within the accuracy of a tight Ewald sum."""
-    from torchpme.lib.kvectors import get_ns_mesh
-
     pos, q, cell = random_ionic(n=120, seed=4)
     module = torch.jit.script(MeshEwald("pme", ACCURACY, 8.0))
-    h = module.mesh_spacing
-    base = (31.5 * h / 2) / np.linalg.norm(cell[0])  # 2 |a_0| / h + 1 = 32.5 at scale 1: a step to 64 points
+    a = module.mesh_spacing
+    base = 31.9 * a / np.linalg.norm(cell[0])  # |a_0| / a = 31.9 at scale 1: 32 points, 36 above 32
     meshes = []
     for s in (0.97 * base, 1.03 * base):
         p, c = pos * s, cell * s
@@ -124,8 +122,8 @@ def test_box_change_rederives_the_mesh_and_keeps_accuracy():
         e, f = energy_forces(module, p, q, c)
         assert rms(f - f_ref) <= ACCURACY * force_scale(q, c)
         assert abs(e - e_ref) < 1e-4 * abs(e_ref)
-        meshes.append(int(get_ns_mesh(t(c), h)[0]))
-    assert meshes == [32, 64], meshes  # the mesh was re-derived from the cell
+        meshes.append(int(mesh_points(t(c), a, 6)[0]))
+    assert meshes == [32, 36], meshes  # the mesh was re-derived from the cell
 
 
 def test_parameters_deterministic_and_validated():
@@ -133,6 +131,7 @@ def test_parameters_deterministic_and_validated():
     sigma, h, nodes = mesh_parameters("pme", 1e-4, 8.0)
     assert math.exp(-8.0 ** 2 / (2 * sigma ** 2)) == pytest.approx(0.5e-4)
     assert 0 < h <= sigma and nodes == 6
+    assert mesh_points(t(np.diag([10.0, 7.0, 30.1])), 1.0, 6).tolist() == [10, 8, 32]  # 2^u 3^v 5^w >= |a_i| / a
     assert mesh_parameters("pme", 1e-6, 8.0)[1] < h  # tighter accuracy: finer mesh
     with pytest.raises(ValueError, match="method must be one of"):
         mesh_parameters("p3m", 1e-4, 8.0)

@@ -340,8 +340,8 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
                 "smearing": float(mesh.smearing),
                 "mesh_spacing": float(mesh.mesh_spacing),
                 "interpolation_nodes": int(mesh.interpolation_nodes),
-                "mesh": "torch-pme " + _torchpme_version() + "; points per lattice vector a_i: the power of two "
-                        ">= 2 |a_i| / mesh_spacing + 1, derived from the cell at every call",
+                "mesh": "torch-pme " + _torchpme_version() + " PME; points along lattice vector a_i: the smallest "
+                        "2^u 3^v 5^w >= |a_i| / mesh_spacing, derived from the cell at every call",
             })
         meta["long_range"].update({
             "damping": float(el.damping),

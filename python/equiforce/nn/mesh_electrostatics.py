@@ -30,11 +30,11 @@ a tight Ewald sum (rattled rock salt, a random ionic system in a triclinic cell;
 16-64 mesh points per side) as ``C (a / sigma)^(p - 1)`` with ``C`` <= 0.17 (p = 6; 0.26 for p = 4:
 forces of Lagrange PME converge one order below its energy). :data:`MESH_ERROR_CONSTANT` takes twice
 that. torch-pme's own error bound (``PMEErrorBounds``) underestimates this force error 10-100x, so it
-is not used. torch-pme's ``mesh_spacing`` is ``h = 2 a``: its mesh has the power of two at or above
-``2 |a_i| / h + 1`` points along lattice vector ``a_i``, derived from the cell at every call, so a box
-that changes (NPT) keeps the accuracy (and the spacing is at most ``a``). The mesh changes in steps
-when the box crosses a power of two (force jumps of relative size ~eps, like a pair crossing the
-real-space cutoff).
+is not used. The mesh has, along lattice vector ``a_i``, the smallest FFT-friendly number of points
+``2^u 3^v 5^w >= |a_i| / a`` (:func:`mesh_points`; torch-pme's own rule, the power of two at or above
+``2 |a_i| / h + 1``, would give up to 8x more points in 3D). It is derived from the cell at every
+call, so a box that changes (NPT) keeps the accuracy. The mesh changes in steps when the box
+crosses a mesh size (force jumps of relative size ~eps, like a pair crossing the real-space cutoff).
 
 Why not P3M: torch-pme 0.5.0's ``P3MCalculator`` is excellent in orthorhombic cells (2e-5 at 32
 mesh points per side where this PME needs 64) but in a triclinic cell its force error falls only as
@@ -42,9 +42,10 @@ mesh points per side where this PME needs 64) but in a triclinic cell its force 
 against Ewald), so ``long_range`` offers ``pme`` only.
 """
 import math
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torchpme
 from torch import Tensor, nn
 
 from ..data.neighbors import neighbor_list
@@ -63,7 +64,7 @@ def _coulomb_constant() -> float:
 
 
 def mesh_parameters(method: str, accuracy: float, cutoff: float) -> Tuple[float, float, int]:
-    """``(smearing sigma Å, torch-pme mesh_spacing h = 2 a Å, interpolation_nodes)`` for ``method`` ("pme"),
+    """``(smearing sigma Å, largest mesh spacing a Å, interpolation_nodes)`` for ``method`` ("pme"),
     relative force ``accuracy`` and real-space ``cutoff`` (Å); see the module docstring."""
     if method not in MESH_METHODS:
         raise ValueError("mesh electrostatics: method must be one of " + str(MESH_METHODS) + ", got " + repr(method))
@@ -75,7 +76,48 @@ def mesh_parameters(method: str, accuracy: float, cutoff: float) -> Tuple[float,
     nodes = INTERPOLATION_NODES
     sigma = cutoff / math.sqrt(2.0 * math.log(2.0 / accuracy))
     spacing = sigma * (accuracy / (2.0 * MESH_ERROR_CONSTANT)) ** (1.0 / (nodes - 1))
-    return sigma, 2.0 * spacing, nodes
+    return sigma, spacing, nodes
+
+
+def _fft_friendly(n: int) -> bool:
+    """True when ``n`` has no prime factor other than 2, 3 and 5."""
+    for p in [2, 3, 5]:
+        while n % p == 0:
+            n = n // p
+    return n == 1
+
+
+def mesh_points(cell: Tensor, spacing: float, minimum: int) -> Tensor:
+    """Mesh points [3] (int64) along each lattice vector (rows of ``cell``, Å): the smallest
+    ``2^u 3^v 5^w`` that is ``>= |a_i| / spacing`` and ``>= minimum``."""
+    norms = torch.linalg.norm(cell.detach(), dim=1)
+    points: List[int] = []
+    for k in range(3):
+        n = max(int(math.ceil(float(norms[k]) / spacing - 1e-9)), minimum)
+        while not _fft_friendly(n):
+            n += 1
+        points.append(n)
+    return torch.tensor(points, dtype=torch.long, device=cell.device)
+
+
+class _PMECalculator(torchpme.PMECalculator):
+    """torch-pme's PME with :func:`mesh_points` for the mesh size (its ``mesh_spacing`` is the
+    largest spacing ``a``); fully periodic cells only. The reciprocal part is torch-pme's: charges
+    to the mesh, the k-space filter (smeared Coulomb Green's function), back to the atoms, then its
+    self term and neutralising background."""
+
+    def _compute_kspace(self, charges: Tensor, cell: Tensor, positions: Tensor, periodic: Optional[Tensor] = None,
+                        node_mask: Optional[Tensor] = None, kvectors: Optional[Tensor] = None) -> Tensor:
+        ns = mesh_points(cell, self.mesh_spacing, self.interpolation_nodes)
+        self.mesh_interpolator.update(cell, ns)
+        self.kspace_filter.update(cell, ns)
+        self.mesh_interpolator.compute_weights(positions)
+        mesh = self.kspace_filter.forward(self.mesh_interpolator.points_to_mesh(particle_weights=charges))
+        inverse_volume = 1.0 / torch.abs(torch.linalg.det(cell))
+        phi = self.mesh_interpolator.mesh_to_points(mesh) * inverse_volume
+        phi = phi - charges * self.potential.self_contribution()
+        phi = phi - 2.0 * self.potential.background_correction() * charges.sum(dim=0) * inverse_volume
+        return 0.5 * phi  # torch-pme's convention: E = sum_i q_i phi_i
 
 
 class MeshEwald(nn.Module):
@@ -91,8 +133,6 @@ class MeshEwald(nn.Module):
 
     def __init__(self, method: str, accuracy: float = 1e-4, cutoff: float = 10.0, damping: float = 0.0):
         super().__init__()
-        import torchpme
-
         sigma, h, nodes = mesh_parameters(method, accuracy, cutoff)
         if damping > 0.0 and math.erfc(cutoff / damping) >= accuracy:
             raise ValueError("mesh electrostatics: damping width " + str(damping) + " Å needs erfc(cutoff / damping) < "
@@ -105,7 +145,7 @@ class MeshEwald(nn.Module):
         self.mesh_spacing = float(h)
         self.interpolation_nodes = int(nodes)
         potential = torchpme.CoulombPotential(smearing=sigma)
-        self.calculator = torchpme.PMECalculator(potential, mesh_spacing=h, interpolation_nodes=nodes, full_neighbor_list=True)
+        self.calculator = _PMECalculator(potential, mesh_spacing=h, interpolation_nodes=nodes, full_neighbor_list=True)
 
     def forward(self, pos: Tensor, charges: Tensor, cell: Tensor) -> Tensor:
         n = pos.shape[0]
