@@ -9,6 +9,7 @@ strain for the virial; the eager model for the exported file; OpenMM (Reference,
 "Within the requested accuracy" means, as in the module: RMS force error <= accuracy * K_E q_rms^2 / d^2
 with d = (V / N)^(1/3) the mean interatomic spacing.
 """
+import copy
 import math
 
 import numpy as np
@@ -281,6 +282,22 @@ def test_export_matches_eager_and_records_the_mesh(exported_pme):
         e_f, _, f_f, v_f = frozen(*args)
         assert abs(float(e_f) - float(e)) < 1e-12 * abs(float(e))
         assert rel_err(f_f.detach().numpy(), f.numpy()) < 1e-12
+    # ASE on the same file: its runner centres the positions (float32 safety), and a mesh sum is
+    # translation invariant only to its accuracy, so it equals the module on the centred positions
+    import ase
+
+    from equiforce.ase import EquiforceCalculator
+
+    atoms = ase.Atoms([SPECIES[k] for k in species], positions=pos, cell=cell, pbc=True)
+    atoms.calc = EquiforceCalculator(path)
+    e_c, _, f_c, _ = module(*exported_args(pos - pos.mean(axis=0), species, cell))
+    assert abs(atoms.get_potential_energy() - float(e_c)) < 1e-10 * abs(float(e_c))
+    assert rel_err(atoms.get_forces(), f_c.numpy()) < 1e-10
+    charges = outputs(model, pos, species, cell)["charges"].detach().numpy()
+    assert rms(f_c.numpy() - f.numpy()) < ACCURACY * force_scale(charges, cell)
+    # the eager model can be copied (checkpoints, for_export) after a forward pass: torch-pme's
+    # cached mesh tensors were released from the autograd graph
+    copy.deepcopy(model)
 
 
 def test_cpp_runtime_runs_the_exported_mesh(exported_pme):
