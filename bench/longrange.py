@@ -181,7 +181,7 @@ def main():
     ap.add_argument("--sizes", default="1000,8000,64000")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cutoff", type=float, default=10.0, help="real-space cutoff of the electrostatics (Å)")
+    ap.add_argument("--cutoff", type=float, default=8.0, help="real-space cutoff of the electrostatics (Å)")
     ap.add_argument("--accuracy", type=float, default=1e-4)
     ap.add_argument("--ewald-max-entries", type=float, default=5e7)
     ap.add_argument("--only", default="short-range,pme model,pme alone,ewald alone",
