@@ -130,7 +130,7 @@ def test_box_change_rederives_the_mesh_and_keeps_accuracy():
 def test_parameters_deterministic_and_validated():
     assert mesh_parameters("pme", 1e-4, 8.0) == mesh_parameters("pme", 1e-4, 8.0)
     sigma, h, nodes = mesh_parameters("pme", 1e-4, 8.0)
-    assert math.exp(-8.0 ** 2 / (2 * sigma ** 2)) == pytest.approx(0.5e-4)
+    assert math.exp(-8.0 ** 2 / (2 * sigma ** 2)) == pytest.approx(0.25e-4)
     assert 0 < h <= sigma and nodes == 6
     assert mesh_points(t(np.diag([10.0, 7.0, 30.1])), 1.0, 6).tolist() == [10, 8, 32]  # 2^u 3^v 5^w >= |a_i| / a
     assert mesh_parameters("pme", 1e-6, 8.0)[1] < h  # tighter accuracy: finer mesh
@@ -448,3 +448,65 @@ def test_training_run_and_cli_export(tmp_path):
         assert abs(float(e) - float(ref["energy"][0])) < 1e-10 * max(1.0, abs(float(e)))
         assert np.abs(f.numpy() - ref["forces"].detach().numpy()).max() < 1e-10
     assert periodic >= 1
+
+
+@pytest.mark.lammps
+def test_lammps_box_change_keeps_python_numbers_and_accuracy(tmp_path):
+    """MD in LAMMPS while the box grows by 4 % (fix deform, NPT-like): at the last step the mesh
+    was re-derived (36 -> 40 points along a), LAMMPS equals Python on the final configuration to
+    1e-8, and the pme forces stay within the requested accuracy of an Ewald model with the same
+    weights (1e-12)."""
+    from lammps_util import Structure, python_reference, read_dump, run_lmp, write_data
+
+    cell0 = np.diag([7.9, 7.6, 8.0])
+    rng = np.random.default_rng(16)
+    grid = np.array(np.meshgrid(*[range(3)] * 3, indexing="ij")).reshape(3, -1).T[:24]
+    pos = (grid + 0.5 + rng.uniform(-0.2, 0.2, grid.shape)) / 3 @ cell0
+    symbols = [SPECIES[k % 2] for k in range(24)]
+    s0 = Structure(positions=pos, symbols=symbols, cell=cell0, pbc=True, tags=np.arange(1, 25))
+    data = str(tmp_path / "box.data")
+    write_data(data, s0, SPECIES)
+    model = make_model("pme")
+    with torch.no_grad():  # a tame model (small forces and charges) for a stable short run
+        model.set_scale_shift(torch.tensor([0.05, 0.05]), torch.tensor([-1.0, -2.0]))
+        model.dipole_scale.fill_(2.0)
+    path = str(tmp_path / "pme.pt")
+    export_model(model.for_export(), path, dtype=torch.float64, symmetry="O3")
+    final = np.diag(cell0) * 1.04
+    deck = "\n".join([
+        "units metal", "atom_style atomic", "atom_modify map hash", "boundary p p p", f"read_data {data}",
+        "pair_style hybrid/overlay soft 2.0 equiforce device cpu", f"pair_coeff * * equiforce {path} Na Cl",
+        "pair_coeff * * soft 5.0", "velocity all create 300.0 4928459 loop geom", "timestep 0.0005",
+        "fix nve all nve",
+        f"fix grow all deform 1 x final 0.0 {final[0]} y final 0.0 {final[1]} z final 0.0 {final[2]} remap x",
+        "dump d all custom 40 dump.out id x y z", "dump_modify d format float %.17g sort id", "run 40"]) + "\n"
+    proc = run_lmp(deck, str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = read_dump(str(tmp_path / "dump.out"))[-1]
+    assert last["step"] == 40
+    pos1 = np.stack([last["x"], last["y"], last["z"]], 1)
+    cell1 = np.diag(final)
+    # LAMMPS' pair forces on the final configuration: a run 0 on it (the dump holds total forces)
+    s1 = Structure(positions=pos1, symbols=symbols, cell=cell1, pbc=True, tags=np.arange(1, 25))
+    write_data(str(tmp_path / "final.data"), s1, SPECIES)
+    from lammps_util import deck as make_deck, parse_result
+
+    proc = run_lmp(make_deck(str(tmp_path / "final.data"), path, SPECIES, True, dump_file="final.out"),
+                   str(tmp_path), name="in.final")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    energy, _ = parse_result(proc.stdout)
+    fr = read_dump(str(tmp_path / "final.out"))[0]
+    forces = np.stack([fr["fx"], fr["fy"], fr["fz"]], 1)
+    ref = python_reference(path, s1)
+    assert abs(energy - ref["energy"]) < 1e-8 * abs(ref["energy"])
+    assert rel_err(forces, ref["forces"]) < 1e-8
+    module = torch.jit.load(path)
+    lr = module.energy_model.electrostatics.mesh
+    assert int(mesh_points(t(cell0), lr.mesh_spacing, 6)[0]) == 36
+    assert int(mesh_points(t(cell1), lr.mesh_spacing, 6)[0]) == 40
+    ewald = make_model("ewald", accuracy=1e-12)
+    ewald.load_state_dict(model.state_dict(), strict=False)
+    a, b = outputs(model, pos1, [k % 2 for k in range(24)], cell1), outputs(ewald, pos1, [k % 2 for k in range(24)], cell1)
+    q = a["charges"].detach().numpy()
+    assert rms(a["forces"].detach().numpy() - b["forces"].detach().numpy()) < ACCURACY * force_scale(q, cell1)
+    assert rel_err(ref["forces"], a["forces"].detach().numpy()) < 1e-10
