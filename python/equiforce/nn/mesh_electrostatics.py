@@ -39,8 +39,8 @@ call, so a box that changes (NPT) keeps the accuracy. The mesh changes in steps 
 crosses a mesh size (force jumps of relative size ~eps, like a pair crossing the real-space cutoff).
 
 Checked on random ionic systems of 100 atoms (tests/ and a sweep): number densities 0.03-0.2 Å^-3
-with r_c = 5 or 10 Å and 0.01 Å^-3 with r_c >= 8 Å give 0.34-0.83 of the requested accuracy
-(1e-4 and 1e-5); a dilute system (0.01 Å^-3, d = 4.6 Å) with r_c = 5 Å gives 1.7x: keep r_c >= 2 d.
+with r_c = 5 or 10 Å and 0.01 Å^-3 with r_c >= 8 Å give 0.17-0.78 of the requested accuracy
+(1e-4 and 1e-5); a dilute system (0.01 Å^-3, d = 4.6 Å) with r_c = 5 Å gives 1.13x: keep r_c >= 2 d.
 
 Why not P3M: torch-pme 0.5.0's ``P3MCalculator`` is excellent in orthorhombic cells (2e-5 at 32
 mesh points per side where this PME needs 64) but in a triclinic cell its force error falls only as
