@@ -335,7 +335,7 @@ def test_model_invariances_and_batching():
 
 def test_model_settings_validation():
     with pytest.raises(ValueError, match="long_range must be one of"):
-        ModelConfig(long_range="pme").validate()
+        ModelConfig(long_range="pppm").validate()
     with pytest.raises(ValueError, match="long_range_accuracy"):
         ModelConfig(long_range="ewald", long_range_accuracy=0.5).validate()
     with pytest.raises(ValueError, match="long_range_damping"):

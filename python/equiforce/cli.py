@@ -104,9 +104,9 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--feature-parity", "model.feature_parity", str,
      "O3: natural (l with parity (-1)^l) or both (even and odd copies of every l) (natural)"),
     ("--resnet", "model.resnet", _bool, "residual update when a layer's irreps in == out: true or false (true)"),
-    ("--long-range", "model.long_range", str, "none or ewald: electrostatics of learned charges (none)"),
-    ("--long-range-accuracy", "model.long_range_accuracy", float, "relative Ewald accuracy (1e-6)"),
-    ("--long-range-cutoff", "model.long_range_cutoff", float, "Ewald real-space cutoff in Å (10)"),
+    ("--long-range", "model.long_range", str, "none, ewald or pme: electrostatics of learned charges (none)"),
+    ("--long-range-accuracy", "model.long_range_accuracy", float, "relative accuracy (default: ewald 1e-6, pme 1e-4)"),
+    ("--long-range-cutoff", "model.long_range_cutoff", float, "real-space cutoff of the electrostatics in Å (10)"),
     ("--long-range-damping", "model.long_range_damping", float,
      "Coulomb kernel erf(r/w)/r of width w in Å; 0: plain 1/r (0)"),
 ]

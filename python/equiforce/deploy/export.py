@@ -47,12 +47,14 @@ Files of conservative short-range EquiforceModels also carry per-layer entry poi
 ``metadata["layer_dims"]``), which LAMMPS' ``path exchange`` steps layer by layer with ghost features
 refreshed between layers; the one-call ``forward`` is unchanged.
 
-Long-range models (``model.long_range = "ewald"``, :mod:`equiforce.nn.electrostatics`) are exported by
+Long-range models (``model.long_range = "ewald" | "pme"``, :mod:`equiforce.nn.electrostatics`,
+:mod:`equiforce.nn.mesh_electrostatics`) are exported by
 :class:`ExportedHeadsPotential` too. Their energy is not a sum of local terms: the module needs
 ALL atoms of the system, once each (``n_local == N``, no ghost atoms; a RuntimeError says so
 otherwise), and the ``cell`` (lattice rows, Å: Ewald summation; all zeros: open-boundary Coulomb).
 ``edge_index``/``edge_shift`` are still the short-range pairs within ``r_max``; the Ewald
-real-space pairs are found inside the module. The total charge (e) is fixed at export
+real-space pairs are found inside the module (the mesh of pme is derived there from the cell
+at every call, so a changing box keeps its accuracy). The total charge (e) is fixed at export
 (``total_charge``, default 0: a neutral system) and recorded in ``metadata["long_range"]``.
 ``metadata["long_range"]`` holds the settings. OpenMM passes every position and the box, so it
 runs such files unchanged; LAMMPS only through its serial path (one MPI rank, images by shifts).
@@ -306,6 +308,12 @@ def has_heads(model: nn.Module) -> bool:
         or bool(getattr(model, "has_long_range", False)) or bool(getattr(model, "has_polarizability", False))
 
 
+def _torchpme_version() -> str:
+    import torchpme
+
+    return str(torchpme.__version__)
+
+
 def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = "none",
                    model_type: str = "equiforce", extra: Optional[Dict[str, Any]] = None,
                    total_charge: float = 0.0) -> Dict[str, Any]:
@@ -343,19 +351,31 @@ def build_metadata(energy_model: nn.Module, dtype: torch.dtype, symmetry: str = 
     if bool(getattr(energy_model, "has_long_range", False)):
         from ..nn.electrostatics import K_E, ewald_parameters
         el = energy_model.electrostatics
-        alpha, k_cut = ewald_parameters(el.accuracy, el.cutoff, el.alpha)
         meta["long_range"] = {
             "method": str(energy_model.long_range),
             "accuracy": float(el.accuracy),
             "real_space_cutoff": float(el.cutoff),
-            "alpha": float(alpha),
-            "k_cut": float(k_cut),
+        }
+        mesh = el.mesh
+        if mesh is None:
+            alpha, k_cut = ewald_parameters(el.accuracy, el.cutoff, el.alpha)
+            meta["long_range"].update({"alpha": float(alpha), "k_cut": float(k_cut)})
+        else:
+            meta["long_range"].update({
+                "accuracy_of": "RMS force error / (K_E q_rms^2 / d^2), d = 0.1^(-1/3) Angstrom",
+                "smearing": float(mesh.smearing),
+                "mesh_spacing": float(mesh.mesh_spacing),
+                "interpolation_nodes": int(mesh.interpolation_nodes),
+                "mesh": "torch-pme " + _torchpme_version() + " PME; points along lattice vector a_i: the smallest "
+                        "2^u 3^v 5^w >= |a_i| / mesh_spacing, derived from the cell at every call",
+            })
+        meta["long_range"].update({
             "damping": float(el.damping),
             "coulomb_constant": K_E,
             "total_charge": float(total_charge),
             "requires": "all atoms of the system once each (n_local == N, no ghosts) and the cell "
                         "(lattice rows in Angstrom; all zeros for open boundaries)",
-        }
+        })
     meta["exchange"] = has_layer_entry_points(energy_model)
     if meta["exchange"]:
         # per-layer entry points (LayerEntryPoints): LAMMPS `path exchange`
@@ -457,7 +477,7 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
     if total_charge != total_charge or abs(total_charge) == float("inf"):
         raise ValueError(f"total_charge must be a finite number of elementary charges, got {total_charge}")
     if total_charge != 0.0 and not long_range:
-        raise ValueError(f"total_charge {total_charge} e: only a long-range model (model.long_range = 'ewald') "
+        raise ValueError(f"total_charge {total_charge} e: only a long-range model (model.long_range = 'ewald' or 'pme') "
                          "uses a total charge in its energy; export this model with total_charge 0")
     check_output_path(path)  # before the slow scripting: a bad -o fails at once
     wrapper = exported_wrapper(energy_model, total_charge)

@@ -18,9 +18,10 @@ Extra outputs (:mod:`equiforce.nn.heads`, :meth:`EquiforceModel.predict`), chose
 
 * ``dipole``: "direct" (sum of per-atom l=1 vectors, times ``dipole_scale``), "charges"
   (``sum q_i (r_i - centroid)`` with conserved total charge), "both" (their sum), "none".
-* ``long_range``: "ewald" adds the electrostatic energy of learned atomic charges (a
+* ``long_range``: "ewald" or "pme" adds the electrostatic energy of learned atomic charges (a
   :class:`equiforce.nn.heads.ChargeHead`, total charge conserved exactly) to the per-atom energies:
-  Ewald summation for periodic cells, plain Coulomb for open boundaries
+  Ewald summation (or its reciprocal part on a mesh, :mod:`equiforce.nn.mesh_electrostatics`) for
+  periodic cells, plain Coulomb for open boundaries
   (:mod:`equiforce.nn.electrostatics`; settings ``long_range_accuracy``, ``long_range_cutoff`` Å,
   ``long_range_damping`` Å). Such a model needs positions and the cell: use :meth:`predict` /
   :func:`equiforce.model.forces.model_outputs` (``forward`` raises). With a charge dipole head the same
@@ -70,7 +71,10 @@ from ..nn.tensor_product import EdgeTensorProduct, FusedTensorProduct, RadialPai
 SYMMETRIES = ("O3", "SE3")
 FEATURE_PARITIES = ("natural", "both")
 DIPOLE_MODES = ("none", "direct", "charges", "both")
-LONG_RANGE_MODES = ("none", "ewald")
+LONG_RANGE_MODES = ("none", "ewald", "pme")
+#: relative accuracy of each long-range method when long_range_accuracy is not given
+#: (ewald: energy terms dropped; pme: RMS force error, see equiforce.nn.mesh_electrostatics)
+DEFAULT_LONG_RANGE_ACCURACY = {"ewald": 1e-6, "pme": 1e-4}
 
 
 @dataclass
@@ -93,9 +97,11 @@ class ModelConfig:
     dipole: str = "none"            # dipole head: "none" | "direct" | "charges" | "both" (e·Å)
     direct_forces: bool = False     # forces from a per-atom l=1 head (non-conservative baseline)
     polarizability: bool = False    # polarizability head: symmetric 3x3 per structure (e·Å²/V), 0e + 2e
-    long_range: str = "none"        # "none" | "ewald": + electrostatics of learned charges
-    long_range_accuracy: float = 1e-6   # relative Ewald accuracy (sets alpha and k_cut)
-    long_range_cutoff: float = 10.0     # Ewald real-space cutoff (Å)
+    long_range: str = "none"        # "none" | "ewald" | "pme": + electrostatics of learned charges
+    # relative accuracy; None: ewald 1e-6 (energy; sets alpha and k_cut), pme 1e-4 (forces; sets
+    # the smearing and mesh spacing)
+    long_range_accuracy: Optional[float] = None
+    long_range_cutoff: float = 10.0     # real-space cutoff (Å)
     long_range_damping: float = 0.0     # Coulomb kernel erf(r/w)/r with width w (Å); 0: 1/r
 
     def to_dict(self) -> Dict[str, Any]:
@@ -141,19 +147,27 @@ class ModelConfig:
         if self.long_range not in LONG_RANGE_MODES:
             raise ValueError(f"long_range must be one of {LONG_RANGE_MODES}, got {self.long_range!r}")
         if self.long_range != "none":
-            if not (isinstance(self.long_range_accuracy, float) and 0.0 < self.long_range_accuracy < 1e-2):
-                raise ValueError("long_range_accuracy must be a relative accuracy in (0, 0.01), e.g. 1e-6, "
-                                 f"got {self.long_range_accuracy!r}")
+            accuracy = self.long_range_accuracy
+            if accuracy is not None and not (isinstance(accuracy, float) and 0.0 < accuracy < 1e-2):
+                raise ValueError("long_range_accuracy must be a relative accuracy in (0, 0.01), e.g. 1e-6 (ewald) "
+                                 f"or 1e-4 (pme), or unset for the method's default; got {accuracy!r}")
             if not (isinstance(self.long_range_cutoff, (int, float)) and self.long_range_cutoff > 0):
                 raise ValueError(f"long_range_cutoff must be a real-space cutoff > 0 Å (e.g. 10.0), "
                                  f"got {self.long_range_cutoff!r}")
             if not (isinstance(self.long_range_damping, (int, float)) and self.long_range_damping >= 0):
                 raise ValueError(f"long_range_damping must be a width >= 0 Å (0: plain 1/r), "
                                  f"got {self.long_range_damping!r}")
-            s = math.sqrt(-math.log(self.long_range_accuracy))
+            s = math.sqrt(-math.log(self.resolved_long_range_accuracy()))
             if self.long_range_damping * s > self.long_range_cutoff:
                 raise ValueError(f"long_range_damping {self.long_range_damping} Å needs long_range_cutoff >= "
                                  f"{self.long_range_damping * s:.3g} Å; raise the cutoff or lower the damping")
+
+
+    def resolved_long_range_accuracy(self) -> float:
+        """``long_range_accuracy``, or the method's default when it is None."""
+        if self.long_range_accuracy is not None:
+            return float(self.long_range_accuracy)
+        return DEFAULT_LONG_RANGE_ACCURACY.get(self.long_range, 1e-6)
 
 
 class InteractionLayer(nn.Module):
@@ -285,8 +299,9 @@ class EquiforceModel(nn.Module):
             if self.dipole_mode in ("direct", "both") else None
         self.charge_head = ChargeHead(c) if self.dipole_mode in ("charges", "both") or self.has_long_range \
             else None
-        self.electrostatics = Electrostatics(config.long_range_accuracy, float(config.long_range_cutoff),
-                                             0.0, float(config.long_range_damping)) if self.has_long_range else None
+        self.electrostatics = Electrostatics(config.resolved_long_range_accuracy(), float(config.long_range_cutoff),
+                                             0.0, float(config.long_range_damping), self.long_range) \
+            if self.has_long_range else None
         self.force_head = VectorHead(c, 1, vec, self.equivariant_vectors) if self.direct_forces else None
         if self.has_dipole or self.has_long_range:
             # e·Å per unit of network output; the trainer sets it to the RMS dipole component
@@ -422,7 +437,7 @@ class EquiforceModel(nn.Module):
     def forward(self, species: Tensor, edge_index: Tensor, edge_vec: Tensor, batch: Tensor,
                 num_graphs: int) -> Tensor:
         if self.has_long_range:
-            raise RuntimeError("a long-range model (long_range = 'ewald') needs positions and the cell: call "
+            raise RuntimeError("a long-range model (long_range = 'ewald' or 'pme') needs positions and the cell: call "
                                "predict(..., pos=, cell=) or equiforce.model.forces.model_outputs(..., cell=)")
         raw = self.raw_energy(species, edge_index, edge_vec)
         return self._atom_energy(raw, species, edge_vec)

@@ -41,13 +41,14 @@ The set of pairs and k-vectors is chosen from the current geometry, so E is piec
 jumps of relative size ~eps when a pair or k-vector crosses its cutoff.
 """
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..data.neighbors import neighbor_list
 from ..units import COULOMB_CONSTANT
+from .mesh_electrostatics import MESH_METHODS, MeshEwald
 
 #: Coulomb constant e^2 / (4 pi eps0) in eV·Å / e^2.
 K_E = COULOMB_CONSTANT
@@ -189,30 +190,50 @@ class Electrostatics(nn.Module):
     """Per-atom electrostatic energies of a batch: ``forward(pos [N, 3] Å, charges [N] e,
     cell [B, 3, 3] Å (zeros: open boundaries), batch [N], num_graphs) -> [N] eV``.
 
-    Args: ``accuracy`` relative Ewald accuracy, ``cutoff`` real-space cutoff (Å), ``alpha``
-    splitting parameter (1/Å; 0 = from accuracy and cutoff), ``damping`` kernel width (Å; 0 = 1/r).
+    Args: ``accuracy`` relative accuracy (Ewald: energy terms dropped; mesh: forces, see
+    :mod:`equiforce.nn.mesh_electrostatics`), ``cutoff`` real-space cutoff (Å), ``alpha`` Ewald
+    splitting parameter (1/Å; 0 = from accuracy and cutoff), ``damping`` kernel width (Å; 0 = 1/r),
+    ``method`` "ewald" (k-vector sum, O(N^2)-ish) or "pme" (mesh, O(N log N)). Open
+    boundaries are plain Coulomb whatever the method.
     """
 
-    def __init__(self, accuracy: float = 1e-6, cutoff: float = 10.0, alpha: float = 0.0, damping: float = 0.0):
+    def __init__(self, accuracy: float = 1e-6, cutoff: float = 10.0, alpha: float = 0.0, damping: float = 0.0,
+                 method: str = "ewald"):
         super().__init__()
-        ewald_parameters(accuracy, cutoff, alpha)  # validates
         if not damping >= 0.0:
             raise ValueError("electrostatics damping width must be >= 0 Å, got " + str(damping))
+        if method == "ewald":
+            ewald_parameters(accuracy, cutoff, alpha)  # validates
+            self.mesh: Optional[MeshEwald] = None
+        elif method in MESH_METHODS:
+            self.mesh = MeshEwald(method, accuracy, cutoff, damping)
+        else:
+            raise ValueError("electrostatics method must be 'ewald' or 'pme', got " + repr(method))
+        self.method = str(method)
         self.accuracy = float(accuracy)
         self.cutoff = float(cutoff)
         self.alpha = float(alpha)
         self.damping = float(damping)
 
+    def _one(self, pos: Tensor, charges: Tensor, cell: Tensor) -> Tensor:
+        mesh = self.mesh
+        if mesh is not None:
+            if charges.shape[0] != pos.shape[0]:
+                raise ValueError("electrostatics: need one charge per atom, got " + str(charges.shape[0])
+                                 + " charges for " + str(pos.shape[0]) + " atoms")
+            if _periodicity(cell):
+                return mesh(pos, charges, cell)
+            return coulomb_per_atom(pos, charges, self.damping)
+        return electrostatic_per_atom(pos, charges, cell, self.accuracy, self.cutoff, self.alpha, self.damping)
+
     def forward(self, pos: Tensor, charges: Tensor, cell: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
         if cell.dim() != 3 or cell.shape[0] != num_graphs:
             raise ValueError("electrostatics: cell must be [num_graphs, 3, 3], got " + str(list(cell.shape)))
         if num_graphs == 1:
-            return electrostatic_per_atom(pos, charges, cell[0], self.accuracy, self.cutoff, self.alpha,
-                                          self.damping)
+            return self._one(pos, charges, cell[0])
         out = torch.zeros_like(charges)
         for b in range(num_graphs):
             idx = torch.nonzero(batch == b).reshape(-1)
-            e = electrostatic_per_atom(pos.index_select(0, idx), charges.index_select(0, idx), cell[b],
-                                       self.accuracy, self.cutoff, self.alpha, self.damping)
+            e = self._one(pos.index_select(0, idx), charges.index_select(0, idx), cell[b])
             out = out.index_add(0, idx, e)
         return out

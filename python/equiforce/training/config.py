@@ -51,9 +51,9 @@ YAML layout (every key optional; the defaults are the values below)::
       dipole: none            # none | direct | charges | both (dipole head, e·Å)
       direct_forces: false    # true: forces from a per-atom l=1 head (non-conservative baseline)
       polarizability: false   # true: polarizability head (0e + 2e -> symmetric 3x3, e·Å²/V)
-      long_range: none        # none | ewald: + electrostatics of learned charges (Ewald / Coulomb)
-      long_range_accuracy: 1.0e-6  # relative Ewald accuracy
-      long_range_cutoff: 10.0      # Ewald real-space cutoff (Å)
+      long_range: none        # none | ewald | pme: + electrostatics of learned charges (Ewald or mesh / Coulomb)
+      long_range_accuracy: null    # relative accuracy; null: ewald 1e-6 (energy), pme 1e-4 (forces)
+      long_range_cutoff: 10.0      # real-space cutoff (Å)
 """
 import dataclasses
 import math
