@@ -35,6 +35,11 @@ Structure: :func:`_setup` (configuration, data, model, optimiser; resume checks)
 atomic) and only then its metrics.csv row, so a failed write never leaves a row for an unsaved
 epoch. EMA: :mod:`equiforce.training.ema`. A resumed run checks that the data file is unchanged
 (sha256 recorded at the start) and accepts flags equal to the saved settings.
+
+Several processes (``torchrun ... -m equiforce train``): :mod:`equiforce.training.distributed`
+(each process takes a slice of every global batch; the step equals the one-process step; rank 0
+alone writes files). Data: an extxyz file read into memory, or a graph store read lazily
+(:mod:`equiforce.data.graphstore`). Fine-tuning (``init_from``): :mod:`equiforce.training.finetune`.
 """
 import contextlib
 import math
