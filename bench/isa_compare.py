@@ -14,8 +14,8 @@ matrix products). Each variant runs in its own process:
 
 Per variant: the bare exported call (energy, forces, virial; neighbour list given; graph optimiser
 off), fcc Cu (``bench/lammps_speed.py``'s bench model: 32 channels, lmax 1, 3 layers, r_max 5 Å),
-one torch thread, minimum CPU time (``time.process_time``) over ``--repeat`` calls, and from
-``torch.profiler`` over 3 calls the self CPU time of the fused op's forward and backward. Prints a
+one torch thread, minimum CPU time (``time.process_time``) over ``--repeat`` calls; and the fused op
+alone (its recorded inputs of every layer, forward and backward timed separately, minimum CPU time). Prints a
 Markdown table, writes JSON (load average, CPU model, flags) to ``bench/results/isa_compare_<time>.json``.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/isa_compare.py [--sizes 512] [--dtypes float32 float64]
@@ -32,6 +32,59 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 AVX2_ENV = {"EQUIFORCE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def fused_op_seconds(dtype_name: str, pos, cell, repeat: int) -> dict:
+    """CPU seconds of the fused op alone, summed over the model's layers: the inputs of every
+    ``equiforce::tp_scatter`` call of one eager call of the bench model (fused kernels on) are
+    recorded, then each call is timed forward, and backward (gradients of x, sh and w for a fixed
+    random output gradient); minimum over ``repeat`` rounds."""
+    import torch
+
+    from equiforce.data.neighbors import neighbor_list
+    from equiforce.model.forces import energy_forces_virial
+    from equiforce.model.network import EquiforceModel, ModelConfig
+
+    dt = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    cfg = ModelConfig(r_max=5.0, channels=32, lmax=1, num_layers=3, avg_num_neighbors=42.0)
+    model = EquiforceModel(cfg, ["Cu"]).to(dt).for_export()
+    namespace = torch.ops.equiforce
+    op = namespace.tp_scatter
+    calls = []
+
+    def record(*args):
+        calls.append(tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
+        return op(*args)
+
+    p = torch.tensor(pos, dtype=dt)
+    c = torch.tensor(cell, dtype=dt)
+    edge_index, shift, _ = neighbor_list(p, 5.0, c, torch.tensor([True, True, True]))
+    n = p.shape[0]
+    setattr(namespace, "tp_scatter", record)
+    try:
+        energy_forces_virial(model, p, torch.zeros(n, dtype=torch.long), edge_index, shift,
+                             torch.zeros(n, dtype=torch.long), 1)
+    finally:
+        setattr(namespace, "tp_scatter", op)
+    g = torch.Generator().manual_seed(0)
+    fwd, bwd = [], []
+    for _ in range(repeat):
+        t_f = t_b = 0.0
+        for args in calls:
+            x, sh, w = (a.clone().requires_grad_(True) for a in args[:3])
+            t0 = time.process_time()
+            out = op(x, sh, w, *args[3:])
+            t1 = time.process_time()
+            gout = torch.randn(out.shape, dtype=out.dtype, generator=g)
+            t2 = time.process_time()
+            torch.autograd.grad(out, (x, sh, w), gout)
+            t3 = time.process_time()
+            t_f += t1 - t0
+            t_b += t3 - t2
+        fwd.append(t_f)
+        bwd.append(t_b)
+    return {"fused_forward_s": min(fwd), "fused_backward_s": min(bwd), "fused_calls": len(calls)}
 
 
 def worker(model: str, n: int, dtype_name: str, repeat: int) -> dict:
@@ -56,14 +109,7 @@ def worker(model: str, n: int, dtype_name: str, repeat: int) -> dict:
             energy = module(p, species, edge_index, shift, c, n)[0]
             if k >= 2:
                 times.append(time.process_time() - t0)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                module(p, species, edge_index, shift, c, n)
-    ops = {"fused_forward_s": 0.0, "fused_backward_s": 0.0}
-    for event in prof.key_averages():
-        if "tp_scatter" in event.key:
-            key = "fused_backward_s" if "backward" in event.key.lower() else "fused_forward_s"
-            ops[key] += event.self_cpu_time_total / 1e6 / 3
+    ops = fused_op_seconds(dtype_name, pos, cell, repeat)
     try:
         ops_isa = torch.ops.equiforce.cpu_isa()
     except (AttributeError, RuntimeError):  # a build from before cpu_isa existed (target_clones)

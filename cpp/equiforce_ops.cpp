@@ -242,6 +242,9 @@ EQUIFORCE_INLINE void backward_weights(const Inputs &in, const Args<T> &a, int64
             for (int64_t p = p0; p < p1; ++p) {
               const T *__restrict xi = xg + s.pair_i[p] * mul;
               T acc = 0;
+              // a reduction: GCC vectorises it only when allowed to reorder the sum (-19 % of the
+              // backward pass in float32, -10 % in float64, bench/isa_compare.py)
+#pragma omp simd reduction(+ : acc)
               for (int64_t u = 0; u < mul; ++u) acc += xi[u] * wg[u];
               gmm[p] = acc;
             }
