@@ -78,4 +78,16 @@ def MaceBackend(Base):
                                      compute_stress=False)
             return out["energy"].detach(), out["forces"].detach()
 
+        def evaluate_end_to_end(self, p, dtype):
+            # MACE's own neighbour list (mace.data.neighborhood.get_neighborhood, matscipy)
+            from mace.data.neighborhood import get_neighborhood
+            pos = p["positions"].detach().numpy().astype(np.float64)
+            cell = p["cell"].reshape(3, 3).detach().numpy().astype(np.float64)
+            edge_index, shifts, unit_shifts, _ = get_neighborhood(pos, cutoff=self.r_max, pbc=(True, True, True),
+                                                                  cell=cell)
+            dt = p["positions"].dtype
+            q = dict(p, edge_index=torch.tensor(edge_index, dtype=torch.long), shifts=torch.tensor(shifts, dtype=dt),
+                     unit_shifts=torch.tensor(unit_shifts, dtype=dt))
+            return self.evaluate(q, dtype)
+
     return _Mace()

@@ -54,4 +54,15 @@ def NequipBackend(Base):
             out = self.models[dtype](dict(p))
             return out["total_energy"].detach(), out["forces"].detach()
 
+        def evaluate_end_to_end(self, p, dtype):
+            # nequip's own neighbour list (compute_neighborlist_: matscipy by default, NEQUIP_NL)
+            try:
+                from nequip.data import compute_neighborlist_
+            except ImportError:
+                from nequip.data.AtomicDataDict import compute_neighborlist_
+            data = {k: v for k, v in p.items() if k not in ("edge_index", "edge_cell_shift")}
+            data = compute_neighborlist_(data, self.r_max)
+            out = self.models[dtype](data)
+            return out["total_energy"].detach(), out["forces"].detach()
+
     return _Nequip()

@@ -183,8 +183,20 @@ def machine_info(threads: int) -> dict:
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "other")
     return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
+            "host": platform.node(), "cpu": cpu, "cpu_isa": isa, "cpu_flags_avx": sorted(f for f in flags
+                                                                                       if f.startswith("avx")),
+            "cpu_count": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "git_commit": commit,
             "load_average_start": list(os.getloadavg())}
 
@@ -216,8 +228,12 @@ def fmt_ratio(x: Optional[float]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def run_timings(workers: Dict[str, Worker], structures: List[dict], dtypes: List[str], args,
-                results: dict, log) -> None:
-    """Alternate the backends round by round on every (structure, dtype)."""
+                results: dict, log, mode: str = "bare") -> None:
+    """Alternate the backends round by round on every (structure, dtype). ``mode`` "bare": the
+    neighbour list is given (built outside the timer), results under ``timings``; "end_to_end":
+    each backend builds its own neighbour list inside the timer, results under ``timings_end_to_end``."""
+    store = "timings" if mode == "bare" else "timings_end_to_end"
+    results.setdefault(store, {})
     built: Dict[str, set] = {k: set() for k in workers}
     for st in structures:
         for dtype in dtypes:
@@ -252,8 +268,8 @@ def run_timings(workers: Dict[str, Worker], structures: List[dict], dtypes: List
                 w = workers[k]
                 try:
                     ans = w.request({"op": "time", "structure": st["path"], "dtype": dtype,
-                                     "warmup": args.warmup, "warmup_budget_s": args.budget / 2,
-                                     "repeats": 1}, timeout=args.timeout)
+                                     "mode": mode, "r_max": R_MAX, "warmup": args.warmup,
+                                     "warmup_budget_s": args.budget / 2, "repeats": 1}, timeout=args.timeout)
                 except WorkerError as exc:
                     ans = {"ok": False, "error": str(exc)}
                     w.restart(); built[k] = set(); _hello(w, args)
@@ -275,7 +291,8 @@ def run_timings(workers: Dict[str, Worker], structures: List[dict], dtypes: List
                         continue
                     try:
                         ans = workers[k].request({"op": "time", "structure": st["path"], "dtype": dtype,
-                                                  "warmup": 0, "repeats": n_here}, timeout=args.timeout)
+                                                  "mode": mode, "r_max": R_MAX, "warmup": 0, "repeats": n_here},
+                                                 timeout=args.timeout)
                     except WorkerError as exc:
                         ans = {"ok": False, "error": str(exc)}
                         workers[k].restart(); built[k] = set(); _hello(workers[k], args)
@@ -295,8 +312,8 @@ def run_timings(workers: Dict[str, Worker], structures: List[dict], dtypes: List
                        "rss_before_mb": ans["rss_before_mb"], "peak_rss_mb": ans["peak_rss_mb"],
                        "peak_rss_kb_per_atom": 1024.0 * (ans["peak_rss_mb"] - ans["rss_before_mb"]) / n,
                        "peak_reset": ans.get("peak_reset"), "load_average": list(os.getloadavg())}
-                results["timings"].setdefault(k, {})[cell_key] = rec
-                log(f"  {k:<18s} {cell_key:>12s}  median {med * 1e3:9.2f} ms  "
+                results[store].setdefault(k, {})[cell_key] = rec
+                log(f"  {k:<18s} {cell_key:>12s} {mode:>10s}  median {med * 1e3:9.2f} ms  "
                     f"{n / med:10,.0f} atom-evals/s  ({len(times[k])} repeats, peak "
                     f"{rec['peak_rss_kb_per_atom']:.1f} kB/atom)")
 
@@ -329,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-sizes", help="equiforce-only size scaling, default 512,4096,32768 "
                                            "(quick 512,4096); 'none' to skip")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
+    p.add_argument("--no-end-to-end", action="store_true",
+                   help="skip the end-to-end timings (each backend's own neighbour list inside the timer)")
     p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                    help="glibc allocator of every worker, peers included: 'tuned' (equiforce.deploy.allocator."
                         "tune_malloc: freed blocks stay in the heap, what the LAMMPS plugin does) or "
@@ -433,7 +452,9 @@ def main(argv=None) -> int:
 
     # 3. workers: equiforce matched to each peer (eager + exported), and the peers
     workers: Dict[str, Worker] = {}
-    groups = ["nequip", "mace"]
+    # the equiforce models matched to the peers named by --peers (both with --skip-peers alone)
+    named = [x.strip() for x in args.peers.split(",") if x.strip()]
+    groups = [g for g in ("nequip", "mace") if g in named] or ["nequip", "mace"]
     for g in groups:
         for mode in ("eager", "ts"):
             k = f"equiforce@{g}-{mode}"
@@ -458,9 +479,13 @@ def main(argv=None) -> int:
         log(f"[bench] timing {len([w for w in workers.values() if w.error is None])} backends, "
             f"alternating in {args.rounds} rounds")
         run_timings(workers, [structs[n] for n in sizes], dtypes, args, results, log)
+        if not args.no_end_to_end:
+            e2e = {k: w for k, w in workers.items() if k.endswith("-ts") or k in peers}
+            log(f"[bench] end to end (neighbour list inside the timer): {', '.join(e2e)}")
+            run_timings(e2e, [structs[n] for n in sizes], dtypes, args, results, log, mode="end_to_end")
         # 4. scaling (equiforce only, exported file, NequIP-matched size)
         results["scaling"] = {}
-        if scaling:
+        if scaling and "equiforce@nequip-ts" in workers:
             sc = {k: workers[k] for k in ("equiforce@nequip-ts",)}
             sc_dtypes = ["float32"] if args.quick else dtypes
             log(f"[bench] size scaling, equiforce@nequip exported, {sc_dtypes}: {scaling}")
@@ -511,7 +536,8 @@ def print_report(results: dict, sizes: List[int], dtypes: List[str], peers: List
     la0, la1 = m["load_average_start"][0], m["load_average_end"][0]
     noisy = max(la0, la1) > 1.5
     print()
-    print(f"equiforce speed benchmark  {m['date']}  {m['cpu']} ({m['cpu_count']} cores), {m['threads']} threads")
+    print(f"equiforce speed benchmark  {m['date']}  {m['cpu']} ({m['cpu_count']} cores, vector ISA "
+          f"{m.get('cpu_isa', '?')}), {m['threads']} threads")
     print(f"load average (1 min) start {la0:.2f} / end {la1:.2f}" + ("  -- NOISY: shared machine under load"
                                                                     if noisy else ""))
     print("energy + forces, atom-evals/s (higher is better); ratio = equiforce exported / peer")
@@ -557,6 +583,30 @@ def print_report(results: dict, sizes: List[int], dtypes: List[str], peers: List
             print(f"| {n} | {dt} | {fmt_rate(rn)} | {fmt_rate(on_e)} | {fmt_rate(on_t)} | {fmt_ratio(ratio_n)} "
                   f"| {fmt_rate(rm)} | {fmt_rate(om_e)} | {fmt_rate(om_t)} | {fmt_ratio(ratio_m)} "
                   f"| {fmt_ratio(fastest)} | {mem('equiforce@nequip-ts')} / {mem('nequip')} / {mem('mace')} |")
+    te = results.get("timings_end_to_end") or {}
+    if sizes and te:
+        print("\nend to end (each backend's own neighbour list inside the timer: ours equiforce.data.neighbors "
+              "(vesin), NequIP and MACE their own), atom-evals/s; ratio = ours / peer; e2e/bare = ours end to "
+              "end / ours bare call")
+        print("| atoms | dtype | NequIP | ours@NequIP TS | ratio | MACE | ours@MACE TS | ratio | ours@NequIP e2e/bare |")
+        print("|" + "---|" * 9)
+        for n in sizes:
+            for dt in dtypes:
+                key = f"{n}/{dt}"
+
+                def erate(k):
+                    return te.get(k, {}).get(key, {}).get("atom_evals_per_s")
+
+                en, em = erate("nequip"), erate("mace")
+                on, om = erate("equiforce@nequip-ts"), erate("equiforce@mace-ts")
+                bare = tm.get("equiforce@nequip-ts", {}).get(key, {}).get("atom_evals_per_s")
+                rn = on / en if (on and en) else None
+                rm = om / em if (om and em) else None
+                frac = bare / on if (bare and on) else None
+                results.setdefault("ratios_end_to_end", {})[key] = {"ours_ts_vs_nequip": rn, "ours_ts_vs_mace": rm,
+                                                                    "ours_e2e_over_bare_time": frac}
+                print(f"| {n} | {dt} | {fmt_rate(en)} | {fmt_rate(on)} | {fmt_ratio(rn)} | {fmt_rate(em)} | "
+                      f"{fmt_rate(om)} | {fmt_ratio(rm)} | {fmt_ratio(frac)} |")
     for peer, st in results["peers"].items():
         if not st.get("ok"):
             print(f"  peer {peer}: not timed -- {str(st.get('error'))[:200]}")

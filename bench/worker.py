@@ -71,7 +71,7 @@ def _tune_malloc() -> bool:
     the module needs only the standard library)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python", "equiforce",
-                        "allocator.py")
+                        "deploy", "allocator.py")  # moved with the package layout (was equiforce/allocator.py)
     spec = importlib.util.spec_from_file_location("_equiforce_allocator", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -100,9 +100,10 @@ class Backend:
 
     def __init__(self):
         self.models = {}
+        self.r_max = 5.0  # Å, cutoff of the end-to-end neighbour list (set by each "time" request)
 
     def versions(self) -> dict:
-        return {"torch": torch.__version__}
+        return {"torch": torch.__version__, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
     def build(self, dtype: str, config: dict, species: list, avg_num_neighbors: float) -> dict:
         raise NotImplementedError
@@ -114,6 +115,11 @@ class Backend:
     def evaluate(self, prepared, dtype: str):
         """-> (energy tensor, forces tensor); timed."""
         raise NotImplementedError
+
+    def evaluate_end_to_end(self, prepared, dtype: str):
+        """-> (energy, forces) from positions and cell alone: the backend's own neighbour list
+        (what a user of its ASE calculator runs) is built inside the timer; timed."""
+        raise NotImplementedError(f"{type(self).__name__} has no end-to-end path")
 
 
 def _num_params(model) -> int:
@@ -133,6 +139,9 @@ class EquiforceBackend(Backend):
     def versions(self):
         v = super().versions()
         v["equiforce"] = self._version
+        from equiforce.deploy.ops import load_ops
+        if load_ops():
+            v["equiforce_ops_isa"] = torch.ops.equiforce.cpu_isa()  # body of the fused op in use
         return v
 
     def build(self, dtype, config, species, avg_num_neighbors):
@@ -180,6 +189,15 @@ class EquiforceBackend(Backend):
             energy, _, forces, _ = self._efv(model, p["pos"], p["species"], p["edge_index"], p["shift"],
                                              p["batch"], 1)
         return energy, forces
+
+
+    def evaluate_end_to_end(self, p, dtype):
+        # what the ASE calculator and `equiforce eval` run: equiforce.data.neighbors.neighbor_list
+        # (vesin candidates, exact |r| < r_max test, sorted pairs), then the model
+        from equiforce.data.neighbors import neighbor_list
+        edge_index, shift, _ = neighbor_list(p["pos"], self.r_max, p["cell"], torch.ones(3, dtype=torch.bool))
+        q = dict(p, edge_index=edge_index, shift=shift)
+        return self.evaluate(q, dtype)
 
 
 def make_backend(name: str) -> Backend:
@@ -283,9 +301,14 @@ def main() -> None:
                             break
                 times = []
                 energy = forces = None
+                # "bare": neighbour list given (built outside the timer); "end_to_end": built inside
+                call = backend.evaluate_end_to_end if req.get("mode") == "end_to_end" else backend.evaluate
+                backend.r_max = float(req.get("r_max", backend.r_max))
+                if req.get("mode") == "end_to_end" and int(req.get("warmup", 0)):
+                    call(cache["prepared"], req["dtype"])
                 for _ in range(int(req["repeats"])):
                     t0 = time.perf_counter()
-                    energy, forces = backend.evaluate(cache["prepared"], req["dtype"])
+                    energy, forces = call(cache["prepared"], req["dtype"])
                     times.append(time.perf_counter() - t0)
                 p = cache["prepared"]
                 reply({"ok": True, "times_s": times, "energy": float(energy.detach().sum()),

@@ -201,6 +201,78 @@ def split_sets(ftp, x):
     return [b.reshape(x.shape[0], d, m) for b, d, m in zip(torch.split(x, sizes, dim=1), ftp.set_dims, ftp.set_muls)]
 
 
+def _supported_isas():
+    """The bodies of tp_scatter this CPU can run (cpp/equiforce_ops.cpp: avx512, avx2 + fma, sse2)."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isas = ["sse2"]
+    if {"avx2", "fma"} <= flags:
+        isas.append("avx2")
+        if "avx512f" in flags:
+            isas.append("avx512")
+    return isas
+
+
+# run in a process whose tp_scatter body is the one named by EQUIFORCE_CPU_ISA: the fused path vs the
+# PyTorch path of the same model (energies, forces, virial through all three passes of the op)
+_ISA_PROBE = """
+import sys, json, torch
+sys.path.insert(0, {here!r})
+import helpers
+from equiforce.data.neighbors import neighbor_list
+from equiforce.model.forces import forces_virial_from_edge_grad
+cell = torch.tensor([[4.1, 0.0, 0.0], [0.6, 4.3, 0.0], [-0.4, 0.5, 4.6]], dtype=torch.float64)
+pos = torch.rand((9, 3), dtype=torch.float64, generator=torch.Generator().manual_seed(1)) @ cell
+species = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+worst, fmax = 0.0, 0.0
+for extra in ({{"lmax": 2}}, {{"lmax": 1, "feature_parity": "both"}}):
+    model = helpers.make_model(["Si", "C"], 0, **{{**{model!r}, **extra}})
+    idx, shift, _ = neighbor_list(pos, model.r_max, cell, torch.tensor([True] * 3))
+    res = []
+    for fused in (False, True):
+        model.use_fused_kernels(fused)
+        ev = (pos[idx[1]] - pos[idx[0]] + shift @ cell).detach().requires_grad_(True)
+        ea = model(species, idx, ev, torch.zeros(9, dtype=torch.long), 1)
+        g, = torch.autograd.grad(ea.sum(), ev)
+        f, v = forces_virial_from_edge_grad(g, ev, idx, 9, torch.zeros(idx.shape[1], dtype=torch.long), 1)
+        res.append(torch.cat([ea.detach().reshape(-1), f.reshape(-1), v.reshape(-1)]))
+    worst = max(worst, float((res[0] - res[1]).abs().max()) / max(1.0, float(res[0].abs().max())))
+    fmax = max(fmax, float(res[0].abs().max()))
+print(json.dumps({{"isa": torch.ops.equiforce.cpu_isa(), "rel": worst, "max": fmax}}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "sse2"])
+def test_every_instruction_set_body_equals_the_pytorch_path(isa):
+    """EQUIFORCE_CPU_ISA names the body the passes run (what an AVX2-only or older CPU picks by
+    itself): each one reports itself through equiforce::cpu_isa and gives the PyTorch path's
+    per-atom energies, forces and virial (float64, 1e-12 relative; lmax 2, and lmax 1 with both
+    parities: merged groups)."""
+    import json
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} body")
+    env = dict(os.environ, EQUIFORCE_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = _ISA_PROBE.format(here=os.path.dirname(os.path.abspath(__file__)), model=MODEL)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["isa"] == isa
+    assert res["max"] > 1e-3  # not a comparison of zeros
+    assert res["rel"] <= REL, res
+
+
+def test_unknown_instruction_set_is_a_clear_error():
+    env = dict(os.environ, EQUIFORCE_CPU_ISA="avx9", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", "import equiforce.deploy.ops as o, torch; o.load_ops(); "
+                           "torch.ops.equiforce.cpu_isa()"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "EQUIFORCE_CPU_ISA='avx9' is not one of avx512, avx2, sse2; unset it" in proc.stderr
+
+
 def test_second_derivative_is_refused_with_a_clear_message():
     model = make_model(lmax=1).use_fused_kernels(True)
     pos, species, cell, pbc = structure("periodic")

@@ -498,3 +498,78 @@ def test_openmm_after_cpp_runtime_in_same_process(model_paths):
     e_ref, f_ref = python_reference(model_paths["float64"], DEMO_POS, DEMO_SYMBOLS)
     e, f = evaluate(system, DEMO_POS, "Reference")
     assert_close(e, f, e_ref, f_ref)
+
+
+# Run in a fresh process: does a 64 MB malloc get its own mmap (glibc default) or come from the heap
+# (mmap threshold raised to 1 GB by equiforce.deploy.allocator.tune_malloc)? mallinfo2().hblks counts
+# the blocks glibc mapped with mmap.
+_MALLOC_PROBE = """
+import ctypes, sys
+import numpy as np
+from equiforce.openmm import {entry}
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+{call}
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+mapped = libc.mallinfo2().hblks - before
+libc.free(block)
+print("mmap" if mapped == 1 else "heap" if mapped == 0 else "unclear")
+"""
+
+
+@pytest.mark.parametrize("entry", ["create_force", "deserialize_system"])
+@pytest.mark.parametrize("env,expected", [({}, "heap"), ({"EQUIFORCE_MALLOC_TUNING": "0"}, "mmap")])
+def test_openmm_helpers_tune_malloc(model_paths, entry, env, expected):
+    """The OpenMM helpers apply the allocator tuning of the LAMMPS plugin and the runner (a 64 MB block
+    then comes from the heap, not a fresh mmap), with the same opt-out EQUIFORCE_MALLOC_TUNING=0."""
+    import subprocess
+    import sys
+    if entry == "create_force":
+        call = f"create_force({model_paths['float64']!r}, elements=['C', 'O'])"
+    else:
+        call = ("import openmm; s = openmm.System(); s.addParticle(1.0)\n"
+                "deserialize_system(openmm.XmlSerializer.serialize(s))")
+    code = _MALLOC_PROBE.format(entry=entry, call=call)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("EQUIFORCE_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    base["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(base, **env))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == expected
+
+
+_AUTODIFF_PROBE = """
+import torch
+from equiforce.openmm import create_module, tune_torchscript_for_md
+if {tune}:
+    tune_torchscript_for_md()
+# what openmm-torch does: freeze the module, call it with positions that require grad, optimiser on
+module = torch.jit.freeze(create_module({path!r}, elements=['C', 'O', 'H'], periodic=False).eval())
+for k in range(4):
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.22, 0.0, 0.0], [0.0, 0.15, 0.01 * k]], dtype=torch.float64)
+    energy, forces = module(pos.requires_grad_(True))
+print(str(torch.jit.last_executed_optimized_graph()).count("prim::DifferentiableGraph"))
+"""
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_tuned_torchscript_runs_no_autodiff_subgraphs(model_paths, tune):
+    """The cause of the TorchForce overhead (1.22x the bare call at 4096 atoms): run as openmm-torch
+    runs it, the profiling executor turns the model's force pass into JIT autodiff subgraphs. After
+    tune_torchscript_for_md (what create_force does) the executed graph has none."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = _AUTODIFF_PROBE.format(tune=tune, path=model_paths["float64"])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count = int(proc.stdout.strip().splitlines()[-1])
+    assert (count == 0) if tune else (count > 0), count

@@ -6,9 +6,11 @@ that costs a third of a call. :func:`tune_malloc` raises the mmap threshold to 1
 threshold to 2 GB, so freed blocks stay in the heap for the next call (the process keeps its peak
 size). The LAMMPS plugin does the same at start-up, and so do the Python entry points that run an
 exported file (:class:`equiforce.deploy.runner.ExportedRunner`: the ASE calculator, ``equiforce
-eval``/``check``); the setting is process-wide, so the same opt-out applies everywhere:
-``EQUIFORCE_MALLOC_TUNING=0``, or glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-set before starting Python (then those win). OpenMM users call :func:`tune_malloc` once themselves.
+eval``/``check``) and the OpenMM helpers (``equiforce.openmm.create_module`` and everything built
+on it: ``create_force``, ``create_system``, ``create_mixed_system``; ``deserialize_system``); the
+setting is process-wide, so the same opt-out applies everywhere: ``EQUIFORCE_MALLOC_TUNING=0``, or
+glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set before starting Python (then
+those win).
 """
 import ctypes
 import ctypes.util

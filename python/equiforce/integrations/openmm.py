@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Set
 
 import torch
 
+from ..deploy.allocator import tune_malloc
 from ..deploy.export import load_exported
 from ..errors import ModelFileError
 from .openmm_module import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM, OpenMMPotential
@@ -140,6 +141,9 @@ def create_module(model_path: str, atoms: Optional[Iterable[int]] = None, elemen
                   allow_default_box: bool = False, check_min_distance: bool = True) -> torch.jit.ScriptModule:
     """The scripted :class:`OpenMMPotential` for ``model_path`` (what ``create_force`` wraps).
 
+    Applies the glibc allocator tuning of :func:`equiforce.deploy.allocator.tune_malloc` to this
+    process (as the LAMMPS plugin and the ASE calculator do; ``EQUIFORCE_MALLOC_TUNING=0`` opts out).
+
     Args:
         model_path: an equiforce export (``equiforce export``); anything else raises ``ModelFileError``.
         atoms: particle indices (0-based, in the OpenMM ``System``) of the ML region; ``None``: all.
@@ -157,6 +161,7 @@ def create_module(model_path: str, atoms: Optional[Iterable[int]] = None, elemen
     """
     if elements is None:
         raise ValueError("elements= is required: the element of each ML atom (e.g. from topology.atoms())")
+    tune_malloc()  # process-wide, as the LAMMPS plugin and the runner do; opt out with EQUIFORCE_MALLOC_TUNING=0
     elements = list(elements)
     atoms = _check_atoms(atoms, len(elements))
     model, meta = load_exported(os.fspath(model_path), map_location="cpu")
@@ -254,17 +259,24 @@ def clear_errors() -> Iterator[None]:
 
 
 def tune_torchscript_for_md() -> None:
-    """Process-wide: let TorchScript compile shape-generic graphs (``torch.jit.set_fusion_strategy``
-    ``[("DYNAMIC", 20)]``).
+    """Process-wide: run TorchScript modules with the simple executor (``torch.jit.set_fusion_strategy``
+    ``[("STATIC", 0)]``: zero specialisations, so the graph is optimised once, without profiling).
 
-    The number of edges changes at every MD step; with the default strategy (static shapes first)
-    TorchScript's profiling executor keeps re-specialising the model for each new shape, which
-    measured here 3-40x slower per call (512 atoms: 8.6 ms median with 200 ms spikes, versus
-    3.3 ms). ``create_force`` calls this unless ``tune_torchscript=False``. It affects every
-    TorchScript module run in this process (openmm-torch included, as intended); a C++ program
-    loading the System XML is not affected and keeps TorchScript's defaults.
+    openmm-torch freezes the module and runs it with TorchScript's graph optimiser on, and the
+    positions it passes require grad. With the default strategy the profiling executor then
+    (a) re-specialises the graph for every new edge count, which changes at every MD step
+    (512 atoms: 22 instead of 181 steps/s), and (b) turns the model's force pass into JIT autodiff
+    subgraphs (``prim::DifferentiableGraph``, 151 of them for the bench model), whose symbolic
+    backward is slower than the autograd the other engines run: 1.22-1.24x the bare call at 4096 atoms
+    (fp32 and fp64), also with the earlier ``[("DYNAMIC", 20)]``. The simple executor applies only
+    the shape-independent passes (inlining, constant propagation, dead-code elimination), so the
+    TorchForce costs what the bare call costs (measured 4096 atoms, 1 thread, CPU time: 1.00x fp32,
+    1.02x fp64; ``bench/openmm_overhead.py``). ``create_force`` calls this unless
+    ``tune_torchscript=False``. It affects every TorchScript module run in this process (openmm-torch
+    included, as intended); a C++ program loading the System XML is not affected and keeps
+    TorchScript's defaults.
     """
-    torch.jit.set_fusion_strategy([("DYNAMIC", 20)])
+    torch.jit.set_fusion_strategy([("STATIC", 0)])
 
 
 def _resolve_periodic(periodic: Optional[bool], has_box: bool, what: str) -> bool:
@@ -410,6 +422,7 @@ def deserialize_system(xml: str):
     order of forces, force groups, periodicity, outputs-forces flag, global parameters and properties.
     """
     openmm, _ = _import_openmm()
+    tune_malloc()  # the System will run the model: same allocator setting as create_module
     root = ET.fromstring(xml)
     if root.tag != "System":
         raise ValueError(f"expected the XML of a System, got <{root.tag}>; use openmm.XmlSerializer.deserialize for other objects")
