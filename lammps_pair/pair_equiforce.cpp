@@ -403,6 +403,13 @@ void PairEquiforce::choose_path() {
   if (path_ == IMAGES && comm->nprocs > 1)
     error->all(FLERR, "pair_style equiforce: 'path images' works on one MPI rank only ({} ranks here); use "
                       "'path auto', 'path exchange', 'path gather' or 'path ghost_shell'", comm->nprocs);
+  const int periodic = domain->xperiodic + domain->yperiodic + domain->zperiodic;
+  if (long_range_ && periodic != 0 && periodic != 3)
+    error->all(FLERR, "pair_style equiforce: this model has long-range electrostatics (metadata 'long_range'), "
+                      "which support a box periodic in all three directions (Ewald / mesh) or in none (plain "
+                      "Coulomb), not a slab or wire ('boundary' periodic in {} of 3 directions). Use 'boundary p "
+                      "p p' with vacuum padding in the open direction, or 'boundary f f f' for a molecule",
+               periodic);
   if (path_ == GHOST_SHELL && long_range_)
     error->all(FLERR, "pair_style equiforce: this model has long-range electrostatics (metadata 'long_range'), "
                       "which need every atom of the system in one model call; the ghost-shell path cannot give "

@@ -83,6 +83,9 @@ void PairEquiforce::grow_uncertainty() {
     memory->create(force_unc_, nmax_unc_, "pair:force_uncertainty");
   }
   for (int i = 0; i < nmax_unc_; i++) force_unc_[i] = 0.0;
+  // a step in which this style evaluates nothing (no atoms) reports no spread, not the last one
+  max_force_unc_ = energy_unc_ = 0.0;
+  pextra_[0] = pextra_[1] = 0.0;
 }
 
 /* ----------------------------------------------------------------------
@@ -126,6 +129,16 @@ void PairEquiforce::check_uncertainty(const equiforce::CommitteeResult &c, const
       max_force_unc_ = u[k];
       worst = k;
     }
+  if (comm->nprocs > 1) {
+    // gather path: every rank evaluated the whole system, but GPU reductions may differ in the last
+    // bits between ranks; one decision for all (rank 0's values), so that error->all is reached by
+    // every rank or by none
+    double v[3] = {max_force_unc_, energy_unc_, static_cast<double>(worst)};
+    MPI_Bcast(v, 3, MPI_DOUBLE, 0, world);
+    max_force_unc_ = v[0];
+    energy_unc_ = v[1];
+    worst = static_cast<int>(v[2]);
+  }
   pextra_[0] = comm->me == 0 ? max_force_unc_ : 0.0;
   pextra_[1] = comm->me == 0 ? energy_unc_ : 0.0;
   if (threshold_ <= 0.0 || n_local == 0) return;

@@ -696,3 +696,18 @@ def test_ase_calculator_cell_convention(tmp_path):
     slab.calc = EquiforceCalculator(path)
     with pytest.raises(ValueError, match="pbc=True in all directions or none"):
         slab.get_potential_energy()
+
+
+@pytest.mark.lammps
+def test_lammps_refuses_long_range_model_in_a_slab(lammps_case, tmp_path):
+    """`boundary p p f` with a long-range model: Ewald / mesh need three periodic directions and
+    plain Coulomb none; a slab was summed as an isolated cell (wrong electrostatics, no error).
+    Refused at init with the fix named, like the Python engines."""
+    from lammps_util import deck, run_lmp
+
+    s, data, path, _ = lammps_case
+    text = deck(data, path, SPECIES, True).replace("boundary p p p", "boundary p p f")
+    proc = run_lmp(text, str(tmp_path))
+    assert proc.returncode != 0
+    assert "not a slab or wire" in proc.stdout and "periodic in 2 of 3 directions" in proc.stdout
+    assert "EQF_RESULT" not in proc.stdout
