@@ -75,6 +75,21 @@ def test_store_refusals(extxyz, tmp_path):
     with pytest.raises(DataError, match="structure 2: atoms 0 and 1 are 0.2 Å apart"):
         preprocess(str(bad), str(tmp_path / "bad.eqd"), R_MAX)
     assert not os.path.exists(tmp_path / "bad.eqd") and not os.path.exists(tmp_path / "bad.eqd.tmp")
+    assert not any(f.startswith(".equiforce") for f in os.listdir(out))  # no partial marker in a finished store
+    # OUT.tmp that this package did not write (even one holding only .json files) is never removed
+    foreign = tmp_path / "f.eqd.tmp"
+    foreign.mkdir()
+    (foreign / "notes.json").write_text("{}")
+    with pytest.raises(DataError, match="is not a partial graph store written by equiforce preprocess"):
+        preprocess(extxyz, str(tmp_path / "f.eqd"), R_MAX)
+    assert (foreign / "notes.json").read_text() == "{}"
+    # an interrupted preprocessing (its marker present) is cleaned up and redone
+    interrupted = tmp_path / "i.eqd.tmp"
+    interrupted.mkdir()
+    (interrupted / ".equiforce-graphstore-partial").write_text("partial\n")
+    (interrupted / "pos.bin").write_bytes(b"\0" * 24)
+    preprocess(extxyz, str(tmp_path / "i.eqd"), R_MAX)
+    assert not interrupted.exists() and len(GraphStore(str(tmp_path / "i.eqd"))) == 18
     index = os.path.join(out, "index.json")
     meta = json.load(open(index))
     json.dump({**meta, "version": 99}, open(index, "w"))

@@ -53,6 +53,9 @@ from .dataset import Graph
 
 STORE_FORMAT = "equiforce-graphstore"
 STORE_VERSION = 1
+#: file inside ``OUT.tmp`` while a store is being written (the only mark that lets a later
+#: preprocessing remove an interrupted one)
+PARTIAL_MARKER = ".equiforce-graphstore-partial"
 DEFAULT_MAX_RESIDENT_MB = 256.0
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -96,12 +99,17 @@ class GraphStoreWriter:
             raise DataError(f"'{out}' already exists; remove it or choose another output (-o) for the graph store")
         self.out, self.tmp = out, out.rstrip("/") + ".tmp"
         if os.path.exists(self.tmp):  # an interrupted earlier preprocessing: remove it, but nothing else
-            ours = os.path.isdir(self.tmp) and all(f.endswith((".bin", ".json")) for f in os.listdir(self.tmp))
+            ours = os.path.isdir(self.tmp) and not os.path.islink(self.tmp) and \
+                os.path.isfile(os.path.join(self.tmp, PARTIAL_MARKER)) and \
+                all(f.endswith((".bin", ".json")) or f == PARTIAL_MARKER for f in os.listdir(self.tmp))
             if not ours:
-                raise DataError(f"'{self.tmp}' exists and is not a partial graph store; remove it or choose another "
-                                "output (-o)")
+                raise DataError(f"'{self.tmp}' exists and is not a partial graph store written by equiforce "
+                                "preprocess; remove it or choose another output (-o)")
             shutil.rmtree(self.tmp)
         os.makedirs(self.tmp)
+        # written first: only a directory carrying it is ever removed as "an interrupted preprocessing"
+        with open(os.path.join(self.tmp, PARTIAL_MARKER), "w") as fh:
+            fh.write(f"{STORE_FORMAT} {STORE_VERSION} partial, pid {os.getpid()}\n")
         self.meta = {"format": STORE_FORMAT, "version": STORE_VERSION, "r_max": float(r_max), "keys": dict(keys),
                      "source": source, "source_sha256": source_sha256}
         self.files = {name: open(os.path.join(self.tmp, f"{name}.bin"), "wb")
@@ -167,6 +175,11 @@ class GraphStoreWriter:
                           "elements": [chemical_symbols[z] for z in sorted(self.elements)], "arrays": arrays})
         with open(os.path.join(self.tmp, "index.json"), "w") as fh:
             json.dump(self.meta, fh, indent=1)
+        for name in os.listdir(self.tmp):  # on disk before the rename makes the store visible
+            if name != PARTIAL_MARKER:
+                with open(os.path.join(self.tmp, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.remove(os.path.join(self.tmp, PARTIAL_MARKER))
         os.replace(self.tmp, self.out)
         return self.meta
 
