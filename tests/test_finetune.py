@@ -83,7 +83,7 @@ def test_shifts_kept_or_refitted(pretrained, methanol, tmp_path):
                - plain["metrics"]["val"]["energy_mae_mev_per_atom"]) < 1e-3
 
 
-def test_fine_tuning_refusals(pretrained, tmp_path):
+def test_fine_tuning_refusals(pretrained, tmp_path, capsys):
     data = tmp_path / "nh3.extxyz"
     a = ase.Atoms("NH3", positions=[[0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
     frames = []
@@ -98,3 +98,14 @@ def test_fine_tuning_refusals(pretrained, tmp_path):
     with pytest.raises(ConfigError, match="model.channels = 8.*fine-tuning keeps the model's settings"):
         train(build_config(None, {**SETTINGS, "data": str(data), "out": str(tmp_path / "c"), "init_from": pretrained,
                                   "model.channels": 16}), progress=False, log=lambda s: None)
+    # a flag equal to the DEFAULT but not to the checkpoint (lmax 2 vs the model's 1) is refused too,
+    # through the command line (flags are compared by value whatever the default) and the API
+    from equiforce.cli import main
+
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "l"), "--init-from", pretrained,
+                 "--lmax", "2", "--epochs", "1", "--no-progress"]) == 2
+    assert "model.lmax = 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "l" / "best.pt")
+    with pytest.raises(ConfigError, match="model.lmax = 1.*fine-tuning keeps the model's settings"):
+        train(build_config(None, {**SETTINGS, "data": str(data), "out": str(tmp_path / "m"), "init_from": pretrained,
+                                  "model.lmax": 2}), progress=False, log=lambda s: None, explicit=["model.lmax"])

@@ -166,7 +166,12 @@ def _run_train(args: argparse.Namespace) -> int:
         train(config, resume=True, progress=not args.no_progress, resume_overrides=given)
         return 0
     config = build_config(yaml_path, overrides)
-    train(config, progress=not args.no_progress)
+    # the settings the user named (flags and YAML keys): with --init-from each must match the checkpoint
+    explicit = [k for k, v in overrides.items() if v is not None]
+    if yaml_path:
+        y = read_yaml(yaml_path)
+        explicit += list(y) + [f"model.{k}" for k in (y.get("model") or {})]
+    train(config, progress=not args.no_progress, explicit=explicit)
     return 0
 
 

@@ -14,7 +14,7 @@
 * the optimiser, learning-rate schedule, EMA and epoch count start afresh (the new run's settings).
 """
 import os
-from typing import List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,16 +33,23 @@ def resolve_init_path(path: str) -> str:
     return os.path.join(path, "best.pt") if os.path.isdir(path) else path
 
 
-def load_init(config: TrainConfig) -> Tuple[dict, TrainConfig, List[str]]:
+def load_init(config: TrainConfig, explicit: Optional[Iterable[str]] = None) -> Tuple[dict, TrainConfig, List[str]]:
     """The checkpoint to start from, the new run's config with the checkpoint's model settings, and
     the model's species. Refuses model settings that differ from the checkpoint's and
-    ``atomic_energies`` (the shifts come from the checkpoint: see ``init_shifts``)."""
+    ``atomic_energies`` (the shifts come from the checkpoint: see ``init_shifts``).
+
+    ``explicit``: the setting names the user gave (``model.lmax``, ...: command-line flags and YAML
+    keys), each compared with the checkpoint's value, defaults included (``--lmax 2`` on an lmax-3
+    model is refused). Without it (the Python API), a model setting counts as given when it
+    differs from the default."""
     path = resolve_init_path(str(config.init_from))
     state = load_checkpoint(path)
     saved = TrainConfig.from_dict(state["config"]).model
     default, given = ModelConfig().to_dict(), config.model.to_dict()
+    named = None if explicit is None else {k[len("model."):] for k in explicit if k.startswith("model.")}
     clash = sorted(k for k, v in given.items()
-                   if k != "avg_num_neighbors" and v != default[k] and v != getattr(saved, k))
+                   if k != "avg_num_neighbors" and v != getattr(saved, k)
+                   and (k in named if named is not None else v != default[k]))
     if clash:
         have = ", ".join(f"model.{k} = {getattr(saved, k)!r}" for k in clash)
         raise ConfigError(f"--init-from '{path}': the model there has {have}; fine-tuning keeps the model's settings, "

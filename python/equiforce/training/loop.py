@@ -493,7 +493,8 @@ def check_run_directory(out: str) -> None:
 
 
 def _setup(config: TrainConfig, resume: bool, progress: bool,
-           resume_overrides: Optional[Dict[str, object]], ctx_holder: list) -> _Run:
+           resume_overrides: Optional[Dict[str, object]], ctx_holder: list,
+           explicit: Optional[Sequence[str]] = None) -> _Run:
     """Configuration, data, model, optimiser, scheduler and EMA of a new or resumed run; joins the
     process group of a torchrun launch (the context is appended to ``ctx_holder`` for teardown)."""
     state = None
@@ -525,7 +526,7 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
                         "structures; restore the original file, or start a new run with another --out")
     init_state, species = None, (None if state is None else list(state["species"]))
     if state is None and config.init_from:
-        init_state, config, species = load_init(config)
+        init_state, config, species = load_init(config, explicit)
     species, train_graphs, val_graphs, split, isolated = _load_split(config, species, state, progress)
 
     if init_state is not None:
@@ -683,18 +684,21 @@ def _checkpoint_state(run: _Run, epoch: int, metrics: dict, elapsed: float) -> d
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, resume_overrides: Optional[Dict[str, object]] = None) -> dict:
+          log: Callable[[str], None] = print, resume_overrides: Optional[Dict[str, object]] = None,
+          explicit: Optional[Sequence[str]] = None) -> dict:
     """Train (or resume) a model as described by ``config``; returns a summary dict.
 
     ``resume=True`` continues from ``<out>/last.pt``: the saved configuration is used, except the
     settings in :data:`RESUMABLE` given in ``resume_overrides`` (other settings may be given with
     their saved values). The epoch count continues; the data file must be unchanged (sha256).
+    ``explicit``: the setting names the user gave (``model.lmax``, ...), with ``config.init_from``:
+    each model setting named there must equal the checkpoint's (see :func:`finetune.load_init`).
     torch's thread count is restored on return when ``num_threads`` changed it.
     """
     threads = torch.get_num_threads()
     ctx_holder: List[DistContext] = []
     try:
-        return _train(config, resume, progress, log, resume_overrides, ctx_holder)
+        return _train(config, resume, progress, log, resume_overrides, ctx_holder, explicit)
     finally:
         torch.set_num_threads(threads)
         for ctx in ctx_holder:
@@ -702,8 +706,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool, log: Callable[[str], None],
-           resume_overrides: Optional[Dict[str, object]], ctx_holder: list) -> dict:
-    run = _setup(config, resume, progress and process_rank() == 0, resume_overrides, ctx_holder)
+           resume_overrides: Optional[Dict[str, object]], ctx_holder: list,
+           explicit: Optional[Sequence[str]] = None) -> dict:
+    run = _setup(config, resume, progress and process_rank() == 0, resume_overrides, ctx_holder, explicit)
     config, main = run.config, run.ctx.is_main
     if not main:  # only rank 0 writes files and reports
         log = _silent
