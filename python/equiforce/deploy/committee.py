@@ -174,8 +174,7 @@ def export_committee(models: Sequence[nn.Module], path: str, dtype: torch.dtype 
     members = []
     for k, w in enumerate(wrappers):
         entry: Dict[str, Any] = {"source": sources[k] if k < len(sources) else f"member {k + 1}",
-                                 "num_layers": int(models[k].num_layers), "symmetry": symmetries[k],
-                                 "weights_digest": weights_digest(w.state_dict())}
+                                 "num_layers": int(models[k].num_layers), "symmetry": symmetries[k]}
         if member_metadata and k < len(member_metadata):
             entry.update(member_metadata[k])
         members.append(entry)
@@ -186,7 +185,12 @@ def export_committee(models: Sequence[nn.Module], path: str, dtype: torch.dtype 
                                               "mean (eV/Angstrom)"}
     setattr(committee, METADATA_ATTRIBUTE, "")
     scripted = torch.jit.script(committee)
-    meta["weights_digest"] = weights_digest(scripted.state_dict())
+    state = scripted.state_dict()
+    meta["weights_digest"] = weights_digest(state)
+    for k, entry in enumerate(members):  # as the member's own exported file records it (scripted state)
+        prefix = f"members.{k}."
+        entry["weights_digest"] = weights_digest({key[len(prefix):]: v for key, v in state.items()
+                                                  if key.startswith(prefix)})
     text = json.dumps(meta, indent=1)
     setattr(scripted, METADATA_ATTRIBUTE, text)
     if check_structure is not None:
