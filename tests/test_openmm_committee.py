@@ -106,6 +106,14 @@ def test_reporter_logs_the_members_spread(files, tmp_path):
     assert abs(rows["energy_uncertainty_eV"][-1] - np.std(energies)) < 1e-10
     assert abs(rows["energy_eV"][-1] - np.mean(energies)) < 1e-9
     assert rows["worst_atom"][-1] == int(np.argmax(unc)) and unc.max() > 1e-6
+    # a restarted simulation continues the same log with append=True (one header, earlier rows kept)
+    again = CommitteeReporter(log, 5, files["committee"], elements=SYMBOLS, append=True)
+    simulation.reporters[:] = [again]
+    simulation.step(10)
+    again.close()
+    text = open(log).read()
+    assert text.count("step,") == 1
+    assert list(np.genfromtxt(log, delimiter=",", names=True)["step"]) == [5, 10, 15, 20, 25, 30]
 
 
 def test_reporter_threshold(files, tmp_path):

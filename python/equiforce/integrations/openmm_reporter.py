@@ -45,7 +45,7 @@ class CommitteeReporter:
     """Log a committee file's energy and force uncertainty every ``report_interval`` steps.
 
     Args:
-        file: CSV path to write (replaced) or an open text stream.
+        file: CSV path (replaced, or continued with ``append=True``) or an open text stream.
         report_interval: steps between reports.
         model_path: the committee file the simulation's ``TorchForce`` runs.
         elements: element of each ML atom (symbols or ``openmm.app.Element``), in the order of ``atoms``.
@@ -54,13 +54,15 @@ class CommitteeReporter:
         threshold: eV/Å on the largest per-atom force uncertainty; None: log only.
         on_exceed: "warn" or "stop" (see the module docstring).
         frames: extxyz path the states over the threshold are appended to.
+        append: continue an existing CSV (a simulation restarted from a checkpoint) instead of
+            replacing it; the header is written only when the file is new or empty.
 
     ``last`` holds the latest report (dict with the CSV columns plus ``force_uncertainty`` [N]).
     """
 
     def __init__(self, file, report_interval: int, model_path: str, elements: Sequence,
                  atoms: Optional[Iterable[int]] = None, periodic: bool = False, threshold: Optional[float] = None,
-                 on_exceed: str = "warn", frames: Optional[str] = None):
+                 on_exceed: str = "warn", frames: Optional[str] = None, append: bool = False):
         if not (isinstance(report_interval, int) and report_interval >= 1):
             raise ValueError(f"CommitteeReporter: report_interval={report_interval!r} must be a positive number of steps")
         if on_exceed not in ("warn", "stop"):
@@ -88,10 +90,12 @@ class CommitteeReporter:
         self.exceeded = 0
         self.last: Dict[str, Any] = {}
         self._own = not hasattr(file, "write")
-        self._out = open(file, "w") if self._own else file
-        self._out.write("step,time_ps,energy_eV,energy_uncertainty_eV,max_force_uncertainty_eV_per_A,"
-                        "mean_force_uncertainty_eV_per_A,worst_atom\n")
-        self._out.flush()
+        continued = self._own and append and os.path.isfile(file) and os.path.getsize(file) > 0
+        self._out = open(file, "a" if append else "w") if self._own else file
+        if not continued:
+            self._out.write("step,time_ps,energy_eV,energy_uncertainty_eV,max_force_uncertainty_eV_per_A,"
+                            "mean_force_uncertainty_eV_per_A,worst_atom\n")
+            self._out.flush()
 
     def describeNextReport(self, simulation):
         steps = self.interval - simulation.currentStep % self.interval
