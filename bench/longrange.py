@@ -17,7 +17,7 @@ with random weights, exported (``equiforce export`` path, fused kernels) as
   :func:`equiforce.nn.electrostatics.ewald_per_atom` (accuracy 1e-6, its default). Ewald is skipped
   where its [N, K] phase matrix would exceed ``--ewald-max-entries`` (memory), and says so.
 
-Each figure is the median of ``--repeats`` calls after one warm-up call. The log-log slope between
+Each figure is the median of ``--repeats`` calls after two warm-up calls. The log-log slope between
 consecutive sizes is printed. LAMMPS: the pme model file on 1 rank (serial images path) and 2 ranks
 (gather path: every rank evaluates the whole system), seconds per MD step from LAMMPS' loop time.
 Writes ``bench/results/longrange.json`` and prints markdown tables with the load average and ISA.
@@ -65,7 +65,8 @@ def machine_info():
 
 
 def timed(fn, repeats):
-    fn()  # warm-up (TorchScript profiling run, allocator)
+    for _ in range(2):  # warm-up: TorchScript's profiling executor optimises the graph after two runs
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -506,7 +506,8 @@ def test_lammps_box_change_keeps_python_numbers_and_accuracy(tmp_path):
     assert int(mesh_points(t(cell1), lr.mesh_spacing, 6)[0]) == 40
     ewald = make_model("ewald", accuracy=1e-12)
     ewald.load_state_dict(model.state_dict(), strict=False)
-    a, b = outputs(model, pos1, [k % 2 for k in range(24)], cell1), outputs(ewald, pos1, [k % 2 for k in range(24)], cell1)
+    species = [k % 2 for k in range(24)]
+    a, b = outputs(model, pos1, species, cell1), outputs(ewald, pos1, species, cell1)
     q = a["charges"].detach().numpy()
     assert rms(a["forces"].detach().numpy() - b["forces"].detach().numpy()) < ACCURACY * force_scale(q, cell1)
     assert rel_err(ref["forces"], a["forces"].detach().numpy()) < 1e-10

@@ -477,7 +477,8 @@ def export_model(energy_model: nn.Module, path: str, dtype: torch.dtype = torch.
     if total_charge != total_charge or abs(total_charge) == float("inf"):
         raise ValueError(f"total_charge must be a finite number of elementary charges, got {total_charge}")
     if total_charge != 0.0 and not long_range:
-        raise ValueError(f"total_charge {total_charge} e: only a long-range model (model.long_range = 'ewald' or 'pme') "
+        raise ValueError(f"total_charge {total_charge} e: only a long-range model "
+                         "(model.long_range = 'ewald' or 'pme') "
                          "uses a total charge in its energy; export this model with total_charge 0")
     check_output_path(path)  # before the slow scripting: a bad -o fails at once
     wrapper = exported_wrapper(energy_model, total_charge)

@@ -141,8 +141,9 @@ class MeshEwald(nn.Module):
         super().__init__()
         sigma, h, nodes = mesh_parameters(method, accuracy, cutoff)
         if damping > 0.0 and math.erfc(cutoff / damping) >= accuracy:
-            raise ValueError("mesh electrostatics: damping width " + str(damping) + " Å needs erfc(cutoff / damping) < "
-                             + str(accuracy) + "; raise the cutoff or lower the damping")
+            raise ValueError("mesh electrostatics: damping width " + str(damping)
+                             + " Å needs erfc(cutoff / damping) < " + str(accuracy)
+                             + "; raise the cutoff or lower the damping")
         self.method = method
         self.accuracy = float(accuracy)
         self.cutoff = float(cutoff)
