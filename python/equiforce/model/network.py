@@ -441,15 +441,19 @@ class EquiforceModel(nn.Module):
         shift = self.shift.to(edge_vec.dtype)
         return scale[species] * (raw - iso[species]) + shift[species]
 
-    def use_fused_kernels(self, enabled: bool = True) -> "EquiforceModel":
+    def use_fused_kernels(self, enabled: bool = True, double_backward: bool = False) -> "EquiforceModel":
         """Run message passing through the compiled op ``equiforce::tp_scatter`` on the CPU (same
         numbers as the PyTorch path to rounding; faster, and no per-edge intermediates kept for the
-        backward pass). It has first derivatives only: energies, forces, stress and virial, not
-        training on forces (``create_graph=True`` raises), so training keeps it off. Other devices
-        always take the PyTorch path. Returns ``self``."""
+        backward pass). The op itself has first derivatives only: energies, forces, stress and
+        virial (``create_graph=True`` raises). ``double_backward=True`` (training with a force loss,
+        eager mode) wraps it in a Python autograd function with derivatives of every order, built
+        from the same kernels (``equiforce.nn.tensor_product._TpScatterFn``); TorchScript always
+        compiles the plain op. Other devices always take the PyTorch path. Returns ``self``."""
         device = self.embedding.weight.device
         for layer in self.layers:
             layer.fused_tp = FusedTensorProduct(layer.tp).to(device) if enabled else None
+            if layer.fused_tp is not None:
+                layer.fused_tp.double_backward = bool(double_backward)
         self.radial_pairing = RadialPairing() if enabled else None
         return self
 
