@@ -63,6 +63,8 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
     ("--dtype", "dtype", str, "float32 or float64 (float32)"),
     ("--device", "device", str, "cpu, cuda or cuda:N (cpu)"),
     ("--threads", "num_threads", int, "CPU threads (torch default); 1 is fastest for small models"),
+    ("--fused-kernels", "fused_kernels", _bool,
+     "CPU: message passing through the compiled op, also for the force loss: true or false (true)"),
     ("--seed", "seed", int, "random seed for the split and the initial weights (0)"),
     ("--energy-key", "energy_key", str, "name of the energy label (energy)"),
     ("--forces-key", "forces_key", str, "name of the forces label (forces)"),

@@ -35,6 +35,8 @@ YAML layout (every key optional; the defaults are the values below)::
     dtype: float32            # float32 | float64
     device: cpu               # cpu | cuda | cuda:N
     num_threads: null         # CPU threads for torch (null: torch's default); 1 is fastest for small models
+    fused_kernels: true       # CPU: message passing through the compiled op equiforce::tp_scatter, with
+                              #   second derivatives for the force loss; false: the PyTorch path
     model:                    # equiforce.model.network.ModelConfig
       r_max: 5.0
       channels: 32
@@ -103,6 +105,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "cpu"
     num_threads: Optional[int] = None
+    fused_kernels: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
 
     # ---- construction -------------------------------------------------------------------
