@@ -26,9 +26,10 @@
 // dst; the backward pass twice: grouped by row of w (gradients of w and sh; both edges of a reverse
 // pair in one iteration), then grouped by src (gradient of x). Counting sorts, O(E); every thread
 // owns the rows it accumulates into: no atomics, no per-thread copies, no zero-filled buffers,
-// results independent of the thread count. No second derivative: the backward refuses to run under
-// create_graph (training with a force loss needs it, so training uses the PyTorch path; the op is on
-// only in EquiforceModel.use_fused_kernels(), called by for_export()).
+// results independent of the thread count. No second derivative in the op's own autograd: its
+// backward refuses to run under create_graph. Training with a force loss needs one; it uses the
+// Python wrapper _TpScatterFn (equiforce/nn/tensor_product.py), which builds every derivative order
+// from tp_scatter and tp_scatter_backward (the op is trilinear in x, sh and w).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -533,9 +534,10 @@ class TpScatter : public torch::autograd::Function<TpScatter> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grads) {
     TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "equiforce::tp_scatter has no second derivative (create_graph=True). Train on forces with "
-                "the PyTorch path (model.use_fused_kernels(False), the default for training); for second "
-                "derivatives of an exported file, export it with `equiforce export --portable`");
+                "equiforce::tp_scatter has no second derivative (create_graph=True). Train on forces through "
+                "model.use_fused_kernels(True, double_backward=True) (the training default on the CPU) or "
+                "the PyTorch path (model.use_fused_kernels(False)); for second derivatives of an exported "
+                "file, export it with `equiforce export --portable`");
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &sh = saved[1], &w = saved[2], &windex = saved[3], &src = saved[4],
                  &dst = saved[5], &groups = saved[6], &kpath = saved[7], &cg = saved[8];

@@ -31,8 +31,10 @@ Extra outputs (:mod:`equiforce.nn.heads`, :meth:`EquiforceModel.predict`), chose
 
 Inference kernels (:meth:`EquiforceModel.use_fused_kernels`, on in :meth:`EquiforceModel.for_export`):
 on the CPU each layer's gather / tensor product / scatter runs as one compiled op and the radial MLPs
-run once per pair of reverse edges (:mod:`equiforce.nn.tensor_product`); same numbers to rounding, first
-derivatives only, so training keeps them off.
+run once per pair of reverse edges (:mod:`equiforce.nn.tensor_product`); same numbers to rounding. The
+compiled op has first derivatives only; training with a force loss uses
+``use_fused_kernels(True, double_backward=True)`` (a Python autograd wrapper with derivatives of every
+order, eager mode; the trainer's default on the CPU, ``fused_kernels: false`` opts out).
 
 When a vector output is needed and ``lmax >= 1``, the last layer outputs ``C x 0e + C x 1o``
 (``1e`` in SE(3) mode), the vector block gated like in every other layer. With ``lmax = 0`` (the

@@ -43,7 +43,10 @@ in the compiled op ``equiforce::tp_scatter`` (``cpp/equiforce_ops.cpp``, CPU, fi
 with tables derived from the merged groups;
 :class:`RadialPairing` finds the reverse edges that share radial weights. Both are used by exported
 models (:meth:`equiforce.model.network.EquiforceModel.use_fused_kernels`) and tested against the PyTorch
-path above, which stays the reference and the path for training and GPUs.
+path above, which stays the reference and the path for GPUs. Training with a force loss on the CPU
+(``double_backward=True``) calls the op through :class:`_TpScatterFn`, whose derivatives of every
+order are the op's forward and backward kernels (``equiforce::tp_scatter_backward``) with substituted
+arguments; TorchScript (exported files) always compiles the plain op.
 """
 import math
 from typing import List, Set, Tuple
@@ -460,7 +463,7 @@ class FusedTensorProduct(nn.Module):
         [E, irreps_sh.dim], ``weight`` [U, weight_numel] in merged order with ``weight_index`` [E] its
         row for each edge, ``src`` / ``dst`` [E] -> one [n, d3, mul] per merged path, equal to
         ``scatter_sum(tp.forward_merged([h[src] for h in hs], sh, weight[weight_index]), dst, n)``.
-        First derivatives only (forces, virial; no training on forces through it)."""
+        First derivatives only, unless ``double_backward`` (eager mode: every order, for training)."""
         x = hs[0].reshape(n, -1) if len(hs) == 1 else torch.cat([h.reshape(n, -1) for h in hs], dim=1)
         if not torch.jit.is_scripting() and self.double_backward:  # TorchScript compiles only the op
             out = self._differentiable(x, sh, weight, weight_index, src, dst, n)
