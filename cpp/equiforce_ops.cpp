@@ -26,9 +26,10 @@
 // dst; the backward pass twice: grouped by row of w (gradients of w and sh; both edges of a reverse
 // pair in one iteration), then grouped by src (gradient of x). Counting sorts, O(E); every thread
 // owns the rows it accumulates into: no atomics, no per-thread copies, no zero-filled buffers,
-// results independent of the thread count. No second derivative: the backward refuses to run under
-// create_graph (training with a force loss needs it, so training uses the PyTorch path; the op is on
-// only in EquiforceModel.use_fused_kernels(), called by for_export()).
+// results independent of the thread count. No second derivative in the op's own autograd: its
+// backward refuses to run under create_graph. Training with a force loss needs one; it uses the
+// Python wrapper _TpScatterFn (equiforce/nn/tensor_product.py), which builds every derivative order
+// from tp_scatter and tp_scatter_backward (the op is trilinear in x, sh and w).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -491,6 +492,32 @@ std::vector<Tensor> backward_impl(Inputs &in, const Tensor &x, const Tensor &sh,
   return {gx, gsh, gw};
 }
 
+// the op's first backward without autograd: (gx, gsh, gw) for the output gradient gout [n, Dout];
+// an empty tensor where need_* is false. The op is trilinear in (x, sh, w), so its second
+// derivatives are again forward and backward calls with substituted arguments: training (force loss,
+// create_graph) builds them in Python from this op and tp_scatter (equiforce/nn/tensor_product.py).
+std::vector<Tensor> tp_scatter_backward(const Tensor &x_, const Tensor &sh_, const Tensor &w_,
+                                        const Tensor &windex_, const Tensor &src_, const Tensor &dst_, int64_t n,
+                                        const Tensor &groups, const Tensor &kpath_, const Tensor &cg_,
+                                        const Tensor &gout_, bool need_x, bool need_sh, bool need_w) {
+  Tensor x = x_.contiguous(), sh = sh_.contiguous(), w = w_.contiguous(), windex = windex_.contiguous(),
+         src = src_.contiguous(), dst = dst_.contiguous(), kpath = kpath_.contiguous(), cg = cg_.contiguous(),
+         gout = gout_.contiguous();
+  Inputs in = check_inputs(x, sh, w, windex, src, dst, n, groups, kpath, cg);
+  TORCH_CHECK(gout.dim() == 2 && gout.size(0) == n && gout.size(1) == in.dout &&
+                  gout.scalar_type() == x.scalar_type() && gout.device().is_cpu(),
+              "equiforce::tp_scatter_backward: unexpected output gradient ", gout.sizes());
+  check_range(src, n, "src");
+  check_range(dst, n, "dst");
+  std::vector<Tensor> g =
+      x.scalar_type() == torch::kFloat64
+          ? backward_impl<double>(in, x, sh, w, windex, src, dst, n, cg, gout, need_x, need_sh, need_w)
+          : backward_impl<float>(in, x, sh, w, windex, src, dst, n, cg, gout, need_x, need_sh, need_w);
+  for (Tensor &t : g)
+    if (!t.defined()) t = torch::empty({0}, x.options());  // not needed: an empty tensor
+  return g;
+}
+
 class TpScatter : public torch::autograd::Function<TpScatter> {
  public:
   static Tensor forward(torch::autograd::AutogradContext *ctx, const Tensor &x, const Tensor &sh,
@@ -507,9 +534,10 @@ class TpScatter : public torch::autograd::Function<TpScatter> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grads) {
     TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "equiforce::tp_scatter has no second derivative (create_graph=True). Train on forces with "
-                "the PyTorch path (model.use_fused_kernels(False), the default for training); for second "
-                "derivatives of an exported file, export it with `equiforce export --portable`");
+                "equiforce::tp_scatter has no second derivative (create_graph=True). Train on forces through "
+                "model.use_fused_kernels(True, double_backward=True) (the training default on the CPU) or "
+                "the PyTorch path (model.use_fused_kernels(False)); for second derivatives of an exported "
+                "file, export it with `equiforce export --portable`");
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &sh = saved[1], &w = saved[2], &windex = saved[3], &src = saved[4],
                  &dst = saved[5], &groups = saved[6], &kpath = saved[7], &cg = saved[8];
@@ -606,6 +634,9 @@ std::tuple<Tensor, Tensor> radial_pairs(const Tensor &edge_index_, const Tensor 
 TORCH_LIBRARY(equiforce, m) {
   m.def("tp_scatter(Tensor x, Tensor sh, Tensor w, Tensor windex, Tensor src, Tensor dst, int n, "
         "Tensor groups, Tensor kpath, Tensor cg) -> Tensor");
+  m.def("tp_scatter_backward(Tensor x, Tensor sh, Tensor w, Tensor windex, Tensor src, Tensor dst, int n, "
+        "Tensor groups, Tensor kpath, Tensor cg, Tensor gout, bool need_x, bool need_sh, bool need_w) "
+        "-> Tensor[]");
   m.def("radial_pairs(Tensor edge_index, Tensor edge_vec, int n) -> (Tensor, Tensor)");
   // the instruction set of the tp_scatter bodies in use: "avx512", "avx2" or "sse2"
   m.def("cpu_isa() -> str", cpu_isa);
@@ -613,6 +644,7 @@ TORCH_LIBRARY(equiforce, m) {
 
 TORCH_LIBRARY_IMPL(equiforce, CPU, m) {
   m.impl("tp_scatter", tp_scatter_forward);
+  m.impl("tp_scatter_backward", tp_scatter_backward);
   m.impl("radial_pairs", radial_pairs);
 }
 

@@ -3,7 +3,9 @@
 
 * the PyTorch path of the same model (itself checked against e3nn in test_equivariant_core.py):
   energies, per-atom energies, forces and virial in float64 to 1e-12 relative;
-* finite differences (``torch.autograd.gradcheck``, float64) for every input gradient of the op;
+* finite differences (``torch.autograd.gradcheck``, float64) for every input gradient of the op, and
+  (``gradgradcheck``) for the second derivatives of its training wrapper ``tp_scatter_differentiable``;
+  force-loss gradients of whole models through it equal the PyTorch path's to 1e-10 relative;
 * LAMMPS (serial, ghost shell, 2 MPI ranks) and OpenMM running the fused exported file against
   the portable export of the same weights (the PyTorch path) called from Python.
 """
@@ -21,7 +23,7 @@ from equiforce.deploy.export import export_model, load_exported
 from equiforce.model.forces import forces_virial_from_edge_grad
 from equiforce.data.neighbors import neighbor_list
 from equiforce.deploy.ops import ops_library_path
-from equiforce.nn.tensor_product import EdgeTensorProduct, FusedTensorProduct
+from equiforce.nn.tensor_product import EdgeTensorProduct, FusedTensorProduct, tp_scatter_differentiable
 from equiforce.o3.irreps import Irreps, spherical_harmonics_irreps
 from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, write_data
 from lammps_util import assert_matches, bulk, triclinic
@@ -148,14 +150,15 @@ def test_no_edges_gives_zero_messages():
 
 OP_IRREPS = {"natural": ("3x0e+2x1o+2x2e", "3x0e+2x1o+2x2e+2x1e"),
              # both parities: blocks of equal l merged along channels (one group for 1o and 1e, ...)
-             "both": ("2x0e+2x0o+2x1o+3x1e", "2x0e+2x0o+2x1o+2x1e+2x2e+2x2o")}
+             "both": ("2x0e+2x0o+2x1o+3x1e", "2x0e+2x0o+2x1o+2x1e+2x2e+2x2o"),
+             "natural-l1": ("2x0e+3x1o", "2x0e+2x1o")}
 
 
-def op_inputs(seed=0, shared_rows=True, irreps="natural"):
-    """Random inputs for one layer's op (harmonics l <= 2)."""
+def op_inputs(seed=0, shared_rows=True, irreps="natural", lmax=2):
+    """Random inputs for one layer's op (harmonics l <= lmax)."""
     g = torch.Generator().manual_seed(seed)
     irreps_in, irreps_out = OP_IRREPS[irreps]
-    tp = EdgeTensorProduct(Irreps(irreps_in), spherical_harmonics_irreps(2, True),
+    tp = EdgeTensorProduct(Irreps(irreps_in), spherical_harmonics_irreps(lmax, True),
                            {m.ir for m in Irreps(irreps_out)})
     n, e = 5, 14
     src = torch.randint(0, n, (e,), generator=g)
@@ -183,6 +186,77 @@ def test_tp_scatter_gradients_equal_finite_differences(shared_rows, irreps):
 
     args = tuple(t.clone().requires_grad_(True) for t in (x, sh, w))
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("irreps,lmax", [("natural", 1), ("natural", 2), ("both", 2)])
+@pytest.mark.parametrize("shared_rows", [False, True])
+def test_differentiable_tp_scatter_first_and_second_derivatives(shared_rows, irreps, lmax):
+    """The training wrapper (tp_scatter_differentiable: tp_scatter + tp_scatter_backward, derivatives
+    of every order) against finite differences: gradcheck and gradgradcheck, float64."""
+    if lmax == 1:
+        irreps = "natural-l1"
+    tp, ftp, x, sh, w, windex, src, dst, n = op_inputs(shared_rows=shared_rows, irreps=irreps, lmax=lmax)
+    cg = ftp.cg
+
+    def f(x_, sh_, w_):
+        return tp_scatter_differentiable(x_, sh_, w_, windex, src, dst, n, ftp.groups, ftp.kpath, cg)
+
+    args = tuple(t.clone().requires_grad_(True) for t in (x, sh, w))
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_tp_scatter_backward_op_equals_autograd_of_the_op():
+    tp, ftp, x, sh, w, windex, src, dst, n = op_inputs()
+    args = tuple(t.clone().requires_grad_(True) for t in (x, sh, w))
+    out = torch.ops.equiforce.tp_scatter(*args, windex, src, dst, n, ftp.groups, ftp.kpath, ftp.cg)
+    gout = torch.randn_like(out)
+    ref = torch.autograd.grad(out, args, gout)
+    got = torch.ops.equiforce.tp_scatter_backward(x, sh, w, windex, src, dst, n, ftp.groups, ftp.kpath, ftp.cg,
+                                                  gout, True, True, True)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    part = torch.ops.equiforce.tp_scatter_backward(x, sh, w, windex, src, dst, n, ftp.groups, ftp.kpath, ftp.cg,
+                                                   gout, False, True, False)
+    assert part[0].numel() == 0 and part[2].numel() == 0 and torch.equal(part[1], ref[1])
+
+
+def force_loss_gradients(model, kind, fused):
+    """d(loss)/d(parameters) for a loss on energy, forces and virial (forces through create_graph)."""
+    if fused:
+        model.use_fused_kernels(True, double_backward=True)
+    else:
+        model.use_fused_kernels(False)
+    pos, species, cell, pbc = structure(kind)
+    idx, shift, _ = neighbor_list(pos, model.r_max, cell, pbc)
+    ev = (pos[idx[1]] - pos[idx[0]] + shift @ cell).detach().requires_grad_(True)
+    n = len(pos)
+    ea = model(species, idx, ev, torch.zeros(n, dtype=torch.long), 1)
+    g, = torch.autograd.grad(ea.sum(), ev, create_graph=True)
+    f, v = forces_virial_from_edge_grad(g, ev, idx, n, torch.zeros(idx.shape[1], dtype=torch.long), 1)
+    loss = ea.sum() ** 2 + (f ** 2).sum() + (v ** 2).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("kind", ["periodic", "open"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_force_loss_gradients_fused_equal_pytorch_path(name, kind):
+    """Training through the fused op (double_backward, radial pairing on): the gradient of a force +
+    virial + energy loss with respect to every parameter equals the PyTorch path's to 1e-10 relative
+    (per parameter tensor, float64)."""
+    model = make_model(**CONFIGS[name])
+    ref = force_loss_gradients(model, kind, fused=False)
+    got = force_loss_gradients(model, kind, fused=True)
+    nonzero = 0
+    for a, b in zip(ref, got):
+        if a is None:
+            assert b is None or float(b.abs().max()) == 0.0
+            continue
+        scale = float(a.abs().max())
+        nonzero += scale > 0
+        assert float((a - b).abs().max()) <= 1e-10 * max(scale, 1e-30), (float((a - b).abs().max()), scale)
+    assert nonzero >= len(ref) // 2
 
 
 @pytest.mark.parametrize("irreps", list(OP_IRREPS))

@@ -243,3 +243,34 @@ def test_isolated_atom_frames_become_species_shifts(tmp_path):
     state = load_checkpoint(str(tmp_path / "run" / "best.pt"))
     assert len(state["split"]["train"]) + len(state["split"]["val"]) + len(state["split"]["test"]) == 6
     assert result["epoch"] == 1
+
+
+def test_fused_kernels_train_like_the_pytorch_path(dataset, tmp_path, monkeypatch):
+    """Training through the compiled op (fused_kernels: true, the default on the CPU: force loss via
+    its second derivatives) and with the opt-out (false: the PyTorch path) gives the same run:
+    float64, 2 epochs, losses and final weights to 1e-8 relative."""
+    from equiforce.deploy.ops import load_ops
+    if not load_ops():
+        pytest.skip("compiled ops not built")
+    import equiforce.nn.tensor_product as tp_module
+    calls = []
+    backward = tp_module._tp_bwd
+    monkeypatch.setattr(tp_module, "_tp_bwd", lambda *a: calls.append(1) or backward(*a))
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / f"run_{fused}"
+        config = small_config(dataset, out, epochs=2, fused_kernels=fused)
+        assert config.fused_kernels is fused
+        calls.clear()
+        train(config, progress=False, log=lambda s: None)
+        assert (len(calls) > 0) == fused  # the op's backward ran only with fused kernels on
+        runs[fused] = (read_csv(out / "metrics.csv"), load_checkpoint(str(out / "last.pt")))
+    for a, b in zip(runs[True][0], runs[False][0]):
+        for key in a:
+            if key != "time_s" and a[key]:
+                assert abs(float(a[key]) - float(b[key])) <= 1e-8 * abs(float(b[key])), (key, a, b)
+    sa, sb = runs[True][1]["model_state"], runs[False][1]["model_state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if torch.is_floating_point(sa[key]):
+            assert torch.allclose(sa[key], sb[key], rtol=1e-8, atol=1e-12), key

@@ -72,6 +72,8 @@ TRAIN_FLAGS: List[Tuple[str, str, type, str]] = [
      "fine-tune: start from the weights and model settings of this run directory (best.pt) or checkpoint"),
     ("--init-shifts", "init_shifts", str,
      "fine-tune: per-species energy shifts refit (least squares on the new data) or keep (refit)"),
+    ("--fused-kernels", "fused_kernels", _bool,
+     "CPU: message passing through the compiled op, also for the force loss: true or false (true)"),
     ("--seed", "seed", int, "random seed for the split and the initial weights (0)"),
     ("--energy-key", "energy_key", str, "name of the energy label (energy)"),
     ("--forces-key", "forces_key", str, "name of the forces label (forces)"),

@@ -38,8 +38,10 @@ Extra outputs (:mod:`equiforce.nn.heads`, :meth:`EquiforceModel.predict`), chose
 
 Inference kernels (:meth:`EquiforceModel.use_fused_kernels`, on in :meth:`EquiforceModel.for_export`):
 on the CPU each layer's gather / tensor product / scatter runs as one compiled op and the radial MLPs
-run once per pair of reverse edges (:mod:`equiforce.nn.tensor_product`); same numbers to rounding, first
-derivatives only, so training keeps them off.
+run once per pair of reverse edges (:mod:`equiforce.nn.tensor_product`); same numbers to rounding. The
+compiled op has first derivatives only; training with a force loss uses
+``use_fused_kernels(True, double_backward=True)`` (a Python autograd wrapper with derivatives of every
+order, eager mode; the trainer's default on the CPU, ``fused_kernels: false`` opts out).
 
 When a vector output is needed and ``lmax >= 1``, the last layer outputs ``C x 0e + C x 1o``
 (``1e`` in SE(3) mode), the vector block gated like in every other layer; a polarizability head adds
@@ -516,15 +518,19 @@ class EquiforceModel(nn.Module):
         shift = self.shift.to(edge_vec.dtype)
         return scale[species] * (raw - iso[species]) + shift[species]
 
-    def use_fused_kernels(self, enabled: bool = True) -> "EquiforceModel":
+    def use_fused_kernels(self, enabled: bool = True, double_backward: bool = False) -> "EquiforceModel":
         """Run message passing through the compiled op ``equiforce::tp_scatter`` on the CPU (same
         numbers as the PyTorch path to rounding; faster, and no per-edge intermediates kept for the
-        backward pass). It has first derivatives only: energies, forces, stress and virial, not
-        training on forces (``create_graph=True`` raises), so training keeps it off. Other devices
-        always take the PyTorch path. Returns ``self``."""
+        backward pass). The op itself has first derivatives only: energies, forces, stress and
+        virial (``create_graph=True`` raises). ``double_backward=True`` (training with a force loss,
+        eager mode) wraps it in a Python autograd function with derivatives of every order, built
+        from the same kernels (``equiforce.nn.tensor_product._TpScatterFn``); TorchScript always
+        compiles the plain op. Other devices always take the PyTorch path. Returns ``self``."""
         device = self.embedding.weight.device
         for layer in self.layers:
             layer.fused_tp = FusedTensorProduct(layer.tp).to(device) if enabled else None
+            if layer.fused_tp is not None:
+                layer.fused_tp.double_backward = bool(double_backward)
         self.radial_pairing = RadialPairing() if enabled else None
         return self
 

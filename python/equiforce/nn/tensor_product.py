@@ -43,7 +43,10 @@ in the compiled op ``equiforce::tp_scatter`` (``cpp/equiforce_ops.cpp``, CPU, fi
 with tables derived from the merged groups;
 :class:`RadialPairing` finds the reverse edges that share radial weights. Both are used by exported
 models (:meth:`equiforce.model.network.EquiforceModel.use_fused_kernels`) and tested against the PyTorch
-path above, which stays the reference and the path for training and GPUs.
+path above, which stays the reference and the path for GPUs. Training with a force loss on the CPU
+(``double_backward=True``) calls the op through :class:`_TpScatterFn`, whose derivatives of every
+order are the op's forward and backward kernels (``equiforce::tp_scatter_backward``) with substituted
+arguments; TorchScript (exported files) always compiles the plain op.
 """
 import math
 from typing import List, Set, Tuple
@@ -327,6 +330,97 @@ def _exact_coefficients(state_dict, key: str, exact: Tensor, dtype: torch.dtype)
         state_dict[key] = exact.to(dtype, copy=True)
 
 
+def _tp_bwd(x: Tensor, sh: Tensor, w: Tensor, g: Tensor, idx: Tuple, need: Tuple[bool, bool, bool]) -> List:
+    """The op's first backward (``equiforce::tp_scatter_backward``): [gx, gsh, gw], None where not needed."""
+    windex, src, dst, n, groups, kpath, cg = idx
+    out = torch.ops.equiforce.tp_scatter_backward(x, sh, w, windex, src, dst, n, groups, kpath, cg, g, *need)
+    return [o if nd else None for o, nd in zip(out, need)]
+
+
+def _add(a, b):
+    return b if a is None else (a if b is None else a + b)
+
+
+class _TpScatterFn(torch.autograd.Function):
+    """``equiforce::tp_scatter`` differentiable to any order (eager mode; used for training with a
+    force loss). The op is trilinear in (x, sh, w): ``out = F(x, sh, w)``; its backward
+    ``(F_x^T g, F_sh^T g, F_w^T g)`` is :class:`_TpScatterBwdFn`, whose own derivatives are again
+    forward and backward calls with substituted arguments."""
+
+    @staticmethod
+    def forward(ctx, x, sh, w, windex, src, dst, n, groups, kpath, cg):
+        ctx.idx = (windex, src, dst, n, groups, kpath, cg)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, sh, w)
+        return torch.ops.equiforce.tp_scatter(x, sh, w, windex, src, dst, n, groups, kpath, cg)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, sh, w = ctx.saved_tensors
+        need = tuple(bool(b) for b in ctx.needs_input_grad[:3])
+        if g is None or not any(need):
+            return (None,) * 10
+        gx, gsh, gw = _TpScatterBwdFn.apply(x, sh, w, g.contiguous(), ctx.idx, need)
+        return (gx if need[0] else None, gsh if need[1] else None, gw if need[2] else None) + (None,) * 7
+
+
+class _TpScatterBwdFn(torch.autograd.Function):
+    """``(gx, gsh, gw) = (F_x^T g, F_sh^T g, F_w^T g)``, linear in g and bilinear in the other two of
+    (x, sh, w) (gx does not depend on x, ...). With upstream gradients (a, b, c) of (gx, gsh, gw)::
+
+        d/dg  = F(a, sh, w) + F(x, b, w) + F(x, sh, c)
+        d/dx  = F_x^T g |(sh->b)   + F_x^T g |(w->c)
+        d/dsh = F_sh^T g |(x->a)   + F_sh^T g |(w->c)
+        d/dw  = F_w^T g |(x->a)    + F_w^T g |(sh->b)
+
+    i.e. three backward calls (arguments (x, b, w), (x, sh, c), (a, sh, w)), each giving two of the
+    six terms, and three forward calls."""
+
+    @staticmethod
+    def forward(ctx, x, sh, w, g, idx, need):
+        ctx.idx = idx
+        ctx.need = need
+        ctx.set_materialize_grads(False)  # unused outputs: None, not zeros (no work for them)
+        ctx.save_for_backward(x, sh, w, g)
+        out = _tp_bwd(x, sh, w, g, idx, need)
+        # outputs must be tensors: a zero-size placeholder where a gradient is not needed
+        return tuple(o if o is not None else x.new_zeros(0) for o in out)
+
+    @staticmethod
+    def backward(ctx, a, b, c):
+        x, sh, w, g = ctx.saved_tensors
+        need = ctx.need
+        a = a if need[0] and a is not None else None
+        b = b if need[1] and b is not None else None
+        c = c if need[2] and c is not None else None
+        nx, nsh, nw, ng = (bool(t) for t in ctx.needs_input_grad[:4])
+        windex, src, dst, n, groups, kpath, cg = ctx.idx
+        dx = dsh = dw = dg = None
+        if ng:
+            for args in ((a, sh, w), (x, b, w), (x, sh, c)):
+                if args[0] is not None and args[1] is not None and args[2] is not None:
+                    dg = _add(dg, _TpScatterFn.apply(args[0].contiguous(), args[1].contiguous(),
+                                                     args[2].contiguous(), windex, src, dst, n, groups,
+                                                     kpath, cg))
+        if b is not None and (nx or nw):     # (x, b, w): d/dx term 1 and d/dw term 2
+            t = _TpScatterBwdFn.apply(x, b.contiguous(), w, g, ctx.idx, (nx, False, nw))
+            dx, dw = _add(dx, t[0] if nx else None), _add(dw, t[2] if nw else None)
+        if c is not None and (nx or nsh):    # (x, sh, c): d/dx term 2 and d/dsh term 2
+            t = _TpScatterBwdFn.apply(x, sh, c.contiguous(), g, ctx.idx, (nx, nsh, False))
+            dx, dsh = _add(dx, t[0] if nx else None), _add(dsh, t[1] if nsh else None)
+        if a is not None and (nsh or nw):    # (a, sh, w): d/dsh term 1 and d/dw term 1
+            t = _TpScatterBwdFn.apply(a.contiguous(), sh, w, g, ctx.idx, (False, nsh, nw))
+            dsh, dw = _add(dsh, t[1] if nsh else None), _add(dw, t[2] if nw else None)
+        return dx, dsh, dw, dg, None, None
+
+
+def tp_scatter_differentiable(x: Tensor, sh: Tensor, w: Tensor, windex: Tensor, src: Tensor, dst: Tensor, n: int,
+                              groups: Tensor, kpath: Tensor, cg: Tensor) -> Tensor:
+    """``torch.ops.equiforce.tp_scatter`` with derivatives of every order (eager mode only)."""
+    return _TpScatterFn.apply(x.contiguous(), sh.contiguous(), w.contiguous(), windex, src, dst, n, groups,
+                              kpath, cg)
+
+
 class FusedTensorProduct(nn.Module):
     """Gather, tensor product and scatter-sum of an :class:`EdgeTensorProduct` in one compiled op
     (``equiforce::tp_scatter``, CPU; tables derived from the product's merged groups).
@@ -351,6 +445,9 @@ class FusedTensorProduct(nn.Module):
         self._build_tables(tp)
         self._cg_exact = tp._cg_exact
         self.register_buffer("cg", tp._cg_exact.to(device=tp.cg.device, dtype=tp.cg.dtype, copy=True), persistent=False)
+        # True: derivatives of every order (training with a force loss, eager mode only; see
+        # _TpScatterFn); TorchScript always compiles the plain op (first derivatives)
+        self.double_backward = False
 
     def _apply(self, fn, recurse=True):
         """As :meth:`EdgeTensorProduct._apply`: ``cg`` re-cast from the exact float64 coefficients."""
@@ -388,16 +485,25 @@ class FusedTensorProduct(nn.Module):
         self.register_buffer("groups", torch.tensor(rows, dtype=torch.long), persistent=False)
         self.register_buffer("kpath", torch.tensor(kpath, dtype=torch.long), persistent=False)
 
+    @torch.jit.unused
+    def _differentiable(self, x: Tensor, sh: Tensor, weight: Tensor, weight_index: Tensor, src: Tensor,
+                        dst: Tensor, n: int) -> Tensor:
+        return tp_scatter_differentiable(x, sh, weight, weight_index, src, dst, n, self.groups, self.kpath,
+                                         self.cg.to(sh.dtype))
+
     def forward(self, hs: List[Tensor], sh: Tensor, weight: Tensor, weight_index: Tensor, src: Tensor,
                 dst: Tensor, n: int) -> List[Tensor]:
         """``hs[s]`` [N, 2l+1, mul_s] per gather set (:meth:`EdgeTensorProduct.merge_inputs`), ``sh``
         [E, irreps_sh.dim], ``weight`` [U, weight_numel] in merged order with ``weight_index`` [E] its
         row for each edge, ``src`` / ``dst`` [E] -> one [n, d3, mul] per merged path, equal to
         ``scatter_sum(tp.forward_merged([h[src] for h in hs], sh, weight[weight_index]), dst, n)``.
-        First derivatives only (forces, virial; no training on forces through it)."""
+        First derivatives only, unless ``double_backward`` (eager mode: every order, for training)."""
         x = hs[0].reshape(n, -1) if len(hs) == 1 else torch.cat([h.reshape(n, -1) for h in hs], dim=1)
-        out = torch.ops.equiforce.tp_scatter(x, sh, weight, weight_index, src, dst, n, self.groups, self.kpath,
-                                             self.cg.to(sh.dtype))
+        if not torch.jit.is_scripting() and self.double_backward:  # TorchScript compiles only the op
+            out = self._differentiable(x, sh, weight, weight_index, src, dst, n)
+        else:
+            out = torch.ops.equiforce.tp_scatter(x, sh, weight, weight_index, src, dst, n, self.groups,
+                                                 self.kpath, self.cg.to(sh.dtype))
         sizes = [d * m for d, m in zip(self.mpath_d3, self.mpath_muls)]
         return [o.view(n, d, m) for o, d, m in zip(torch.split(out, sizes, dim=1), self.mpath_d3, self.mpath_muls)]
 

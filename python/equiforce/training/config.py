@@ -41,6 +41,8 @@ YAML layout (every key optional; the defaults are the values below)::
     init_from: null           # fine-tune: start from this run directory (its best.pt) or checkpoint
     init_shifts: refit        #   per-species shifts: refit (least squares on the new data) | keep
     max_data_mb: 256          # graph stores (equiforce preprocess): resident-memory cap of the mapped data (MiB)
+    fused_kernels: true       # CPU: message passing through the compiled op equiforce::tp_scatter, with
+                              #   second derivatives for the force loss; false: the PyTorch path
     model:                    # equiforce.model.network.ModelConfig
       r_max: 5.0
       channels: 32
@@ -116,6 +118,7 @@ class TrainConfig:
     max_data_mb: float = 256.0
     init_from: Optional[str] = None
     init_shifts: str = "refit"
+    fused_kernels: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
 
     # ---- construction -------------------------------------------------------------------

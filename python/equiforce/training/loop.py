@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, DataError
+from ..deploy.ops import load_ops
 from ..data.dataset import Graph, collate, load_dataset, split_indices
 from ..data.graphstore import GraphStore, GraphSubset, is_graph_store
 from ..model.forces import model_outputs
@@ -539,6 +540,10 @@ def _setup(config: TrainConfig, resume: bool, progress: bool,
         torch.manual_seed(config.seed)
         model, _ = model_from_checkpoint(state, use_ema=False)
         model = model.to(device=device, dtype=dtype)
+    if (config.fused_kernels and device.type == "cpu" and load_ops()
+            and hasattr(torch.ops.equiforce, "tp_scatter_backward")):
+        # message passing through the compiled op, with its second derivatives (force loss)
+        model.use_fused_kernels(True, double_backward=True)
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
