@@ -110,12 +110,22 @@ def setup(device: str) -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Leave the process group (after a finished or failed run)."""
+    """Leave the process group (after a finished or failed run).
+
+    The DistributedDataParallel wrapper of a finished run (and its reducer) may sit in a reference
+    cycle that holds the process group: ``destroy_process_group`` only drops torch's own references,
+    and a gloo process group freed later, during interpreter finalisation, can abort the process
+    (SIGABRT, "terminate called without an active exception", seen once on rank 1 of a finished
+    2-process run). So the cycles are collected first, while the interpreter is fully alive."""
     if ctx.enabled:
+        import gc
+
         import torch.distributed as dist
 
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
 
 
 def shard(items: Sequence[int], rank: int, world_size: int) -> List[int]:
