@@ -5,7 +5,7 @@ AVX2 + FMA bodies of ``equiforce::tp_scatter`` (``cpp/equiforce_ops.cpp``), ``AT
 PyTorch's own AVX2 kernels and ``MKL_ENABLE_INSTRUCTIONS=AVX2`` MKL's (the radial-MLP and per-atom
 matrix products). Each variant runs in its own process:
 
-* ``avx512``   the default on an AVX-512 CPU;
+* ``avx512``   the AVX-512 bodies (the default on an Intel AVX-512 CPU; AMD ones default to AVX2);
 * ``avx2``     everything restricted to AVX2 (+ FMA): what an AVX2-only CPU (AMD Zen 1-3, Intel
   Haswell to Comet Lake) runs;
 * ``label=path`` (``--library``, repeatable) the ``avx2`` variant with another build of

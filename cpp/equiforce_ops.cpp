@@ -304,14 +304,18 @@ EQUIFORCE_INLINE void backward_inputs(const Inputs &in, const Args<T> &a, int64_
 // CPU has: AMD Zen, Intel since Haswell) and the wheel's baseline (SSE2). FMA is named explicitly:
 // GCC's "avx2" target alone does not imply it, and without it every multiply-add of the AVX2 body
 // is two instructions. The body is picked once per process (cpu_isa()): the best the CPU supports,
-// or a lower one named by EQUIFORCE_CPU_ISA=avx2|sse2 (to measure the AVX2 body on an AVX-512 CPU).
+// or the one named by EQUIFORCE_CPU_ISA=avx512|avx2|sse2. On AMD CPUs with AVX-512 (Zen 4, which
+// executes 512-bit operations as two 256-bit halves) the default is the AVX2 body: measured on an
+// EPYC (family 25) it gave 3-13 % more atom-evals/s for the whole exported call than the AVX-512 one
+// (bench/speed.py, README "Speed where users run it"); EQUIFORCE_CPU_ISA=avx512 still selects it.
 enum class Isa { kSse2 = 0, kAvx2 = 1, kAvx512 = 2 };
 
 Isa detect_isa() {
   __builtin_cpu_init();
-  Isa best = Isa::kSse2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
+  Isa supported = Isa::kSse2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) supported = Isa::kAvx2;
+  if (supported == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) supported = Isa::kAvx512;
+  const Isa best = (supported == Isa::kAvx512 && __builtin_cpu_is("amd")) ? Isa::kAvx2 : supported;
   const char *env = std::getenv("EQUIFORCE_CPU_ISA");
   if (env == nullptr || env[0] == '\0') return best;
   const std::string want(env);
@@ -322,7 +326,7 @@ Isa detect_isa() {
   else
     TORCH_CHECK(false, "equiforce: EQUIFORCE_CPU_ISA='", want,
                 "' is not one of avx512, avx2, sse2; unset it to use the best the CPU supports");
-  TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "equiforce: EQUIFORCE_CPU_ISA='", want,
+  TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(supported), "equiforce: EQUIFORCE_CPU_ISA='", want,
               "' but this CPU does not support it; unset it or name a lower one (avx2, sse2)");
   return asked;
 }
