@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_scaling import SYMBOLS, aspirin_like, machine  # noqa: E402
+from train_scaling import SYMBOLS, aspirin_like, machine, write_data  # noqa: E402
 
 LOADER = r"""
 import json, os, sys, time
@@ -80,22 +80,6 @@ def write_store(path: str, n: int, seed: int = 0) -> None:
     w.close()
 
 
-def write_extxyz(path: str, n: int, seed: int = 0) -> None:
-    """The same structures as :func:`write_store` (same random stream) as an extxyz file."""
-    import ase
-    import ase.io
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    rng = np.random.default_rng(seed)
-    base = aspirin_like(rng)
-    frames = []
-    for _ in range(n):
-        a = ase.Atoms(SYMBOLS, positions=base + rng.normal(scale=0.1, size=base.shape))
-        a.calc = SinglePointCalculator(a, energy=float(rng.normal()), forces=rng.normal(size=(21, 3)))
-        frames.append(a)
-    ase.io.write(path, frames, format="extxyz")
-
-
 def store_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
@@ -142,7 +126,7 @@ def main() -> None:
             row["trainer"] = trainer_peak(path, os.path.join(tmp, f"run_{n}"), args.train_minutes, args.caps[0])
             if n in args.in_memory_sizes:
                 xyz = os.path.join(tmp, f"aspirin_{n}.extxyz")
-                write_extxyz(xyz, n)
+                write_data(xyz, n)  # the same structures as write_store (same random stream)
                 row["extxyz_bytes"] = os.path.getsize(xyz)
                 row["trainer_in_memory"] = trainer_peak(xyz, os.path.join(tmp, f"run_mem_{n}"), args.train_minutes,
                                                         args.caps[0])
