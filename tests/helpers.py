@@ -164,3 +164,16 @@ def step_layers(module, meta, species, edge_index, edge_vec, n_local):
         g_ev = g_ev + (gv if gv is not None else 0.0)
         g = gx
     return energy.detach(), ea.detach(), g_ev
+
+
+def write_water_without_extra_labels(path: str, n: int = 4) -> str:
+    """``n`` water molecules (energy -1 eV, zero forces, nothing else: no dipole or polarizability
+    label) written as extxyz to ``path``; returns the path (for the "head without labels" refusals)."""
+    frames = []
+    for k in range(n):
+        a = ase.Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93 + 0.01 * k, 0]])
+        a.info["energy"] = -1.0
+        a.arrays["forces"] = np.zeros((3, 3))
+        frames.append(a)
+    ase.io.write(str(path), frames, format="extxyz")
+    return str(path)

@@ -240,6 +240,15 @@ def bulk():
     return Structure(wrap(pos, cell), symbols, cell, pbc=True)
 
 
+def small_bulk():
+    """27 atoms, C and Si, perturbed simple cubic (2.4 Å), periodic orthogonal box 7.2 Å."""
+    rng = np.random.default_rng(5)
+    g = np.arange(3) * 2.4
+    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.2 + rng.normal(0, 0.15, (27, 3))
+    cell = lammps_cell(7.2, 7.2, 7.2)
+    return Structure(wrap(pos, cell), [["C", "Si"][k] for k in rng.integers(0, 2, 27)], cell, pbc=True)
+
+
 def triclinic():
     rng = np.random.default_rng(8)
     cell = lammps_cell(8.2, 7.6, 8.0, xy=1.3, xz=-0.9, yz=1.1)

@@ -239,17 +239,7 @@ def test_bad_settings_and_missing_labels(tmp_path):
         TrainConfig.from_dict({"model": {"dipole": "quadrupole"}})
     with pytest.raises(ConfigError, match="direct_forces"):
         TrainConfig.from_dict({"model": {"direct_forces": "yes"}})
-    import ase.io
-    from ase import Atoms
-
-    frames = []
-    for k in range(4):
-        a = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93 + 0.01 * k, 0]])
-        a.info["energy"] = -1.0
-        a.arrays["forces"] = np.zeros((3, 3))
-        frames.append(a)
-    data = str(tmp_path / "nodipole.extxyz")
-    ase.io.write(data, frames, format="extxyz")
+    data = helpers.write_water_without_extra_labels(tmp_path / "nodipole.extxyz")
     from equiforce.training.loop import train
 
     cfg = TrainConfig.from_dict({"data": data, "out": str(tmp_path / "run"), "epochs": 1,

@@ -120,8 +120,7 @@ def test_cli_flags_select_the_baselines(tmp_path):
 def test_direct_force_model_runs_unchanged_in_lammps(tmp_path, ghost_shell):
     """LAMMPS (serial-images and ghost-shell paths) returns the direct-force head's forces and the
     energy head's energy and virial, equal to the exported module run from Python."""
-    from lammps_util import Structure, deck, lammps_cell, parse_result, python_reference, read_dump, run_lmp, \
-        wrap, write_data
+    from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, small_bulk, write_data
 
     from equiforce.deploy.export import export_model
     from equiforce.model.network import EquiforceModel, ModelConfig
@@ -131,11 +130,7 @@ def test_direct_force_model_runs_unchanged_in_lammps(tmp_path, ghost_shell):
                                        avg_num_neighbors=6.0, direct_forces=True, dipole="direct"), ["C", "Si"])
     path = str(tmp_path / "direct.pt")
     export_model(model.double().for_export(), path, torch.float64, symmetry="O3")
-    rng = np.random.default_rng(5)
-    g = np.arange(3) * 2.4
-    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.2 + rng.normal(0, 0.15, (27, 3))
-    cell = lammps_cell(7.2, 7.2, 7.2)
-    s = Structure(wrap(pos, cell), [["C", "Si"][k] for k in rng.integers(0, 2, 27)], cell, pbc=True)
+    s = small_bulk()
     data = str(tmp_path / "bulk.data")
     write_data(data, s, ["C", "Si"])
     ref = python_reference(path, s)

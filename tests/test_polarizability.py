@@ -242,19 +242,9 @@ def test_polarizability_labels_and_bad_inputs():
 
 
 def test_training_without_labels_is_refused(tmp_path):
-    import ase.io
-    from ase import Atoms
-
     from equiforce.training.loop import train
 
-    frames = []
-    for k in range(4):
-        a = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93 + 0.01 * k, 0]])
-        a.info["energy"] = -1.0
-        a.arrays["forces"] = np.zeros((3, 3))
-        frames.append(a)
-    data = str(tmp_path / "nolabels.extxyz")
-    ase.io.write(data, frames, format="extxyz")
+    data = helpers.write_water_without_extra_labels(tmp_path / "nolabels.extxyz")
     cfg = TrainConfig.from_dict({"data": data, "out": str(tmp_path / "run"), "epochs": 1,
                                  "model": {"r_max": 3.0, "channels": 4, "lmax": 2, "num_layers": 1,
                                            "polarizability": True}})
@@ -408,18 +398,13 @@ def test_float32_training_does_not_round_the_l2_map():
 def test_polarizability_model_runs_unchanged_in_lammps(tmp_path, nprocs, style):
     """A file with the head (its last layer carries the extra 2e block) gives LAMMPS the same energy,
     forces and virial as the exported module in Python: serial images and 2-rank exchange."""
-    from lammps_util import (Structure, deck, lammps_cell, parse_result, python_reference, read_dump, run_lmp,
-                             wrap, write_data)
+    from lammps_util import deck, parse_result, python_reference, read_dump, run_lmp, small_bulk, write_data
 
     model = helpers.make_model(["C", "Si"], 0, r_max=3.0, channels=4, lmax=2, num_layers=2, radial_hidden=8,
                                avg_num_neighbors=6.0, polarizability=True, scale=[0.7, 1.3], shift=[-1.0, -2.0])
     path = str(tmp_path / "polar.pt")
     export_model(model.for_export(), path, torch.float64, symmetry="O3")
-    rng = np.random.default_rng(5)
-    g = np.arange(3) * 2.4
-    pos = np.array([[a, b, c] for a in g for b in g for c in g]) + 0.2 + rng.normal(0, 0.15, (27, 3))
-    cell = lammps_cell(7.2, 7.2, 7.2)
-    s = Structure(wrap(pos, cell), [["C", "Si"][k] for k in rng.integers(0, 2, 27)], cell, pbc=True)
+    s = small_bulk()
     data = str(tmp_path / "bulk.data")
     write_data(data, s, ["C", "Si"])
     ref = python_reference(path, s)
