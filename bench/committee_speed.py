@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from lammps_speed import fcc, lmp_steps_per_s, write_data  # noqa: E402
+from neighbors import cpu_info  # noqa: E402
 
 
 def member_model(seed: int):
@@ -37,14 +37,6 @@ def member_model(seed: int):
     torch.manual_seed(seed)
     cfg = ModelConfig(r_max=5.0, channels=32, lmax=1, num_layers=3, avg_num_neighbors=42.0)
     return EquiforceModel(cfg, ["Cu"]).double().for_export()
-
-
-def isa() -> str:
-    try:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    return "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
 
 
 def main(argv=None) -> int:
@@ -102,13 +94,13 @@ def main(argv=None) -> int:
               f"{r['single_cpu_s_per_step']:.4f} / {r['committee_cpu_s_per_step']:.4f} / "
               f"{r['uncertainty_cpu_s_per_step']:.4f} | {r['cpu_slowdown_mean']:.2f}x / "
               f"{r['cpu_slowdown_uncertainty']:.2f}x |")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; ISA {isa()}; 1 MPI rank, "
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; ISA {cpu_info()['isa']}; 1 MPI rank, "
           "OMP_NUM_THREADS=1, float64")
     out = os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "committee_speed.json"), "w") as f:
         json.dump({"rows": rows, "members": args.members, "load_before": load_before, "load_after": load_after,
-                   "isa": isa(), "cpu": platform.processor(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                   "isa": cpu_info()["isa"], "cpu": platform.processor(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
                   f, indent=1)
     return 0
 

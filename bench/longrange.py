@@ -54,13 +54,10 @@ def rocksalt(n_atoms: int, a: float = 5.64, rattle: float = 0.1, seed: int = 0):
 
 
 def machine_info():
-    flags = ""
-    try:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        pass
-    isa = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "other")
-    return {"load_average": os.getloadavg(), "isa": isa, "cpus": os.cpu_count(), "torch": torch.__version__,
+    sys.path.insert(0, str(HERE))
+    from neighbors import cpu_info
+
+    return {"load_average": os.getloadavg(), "isa": cpu_info()["isa"], "cpus": os.cpu_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
