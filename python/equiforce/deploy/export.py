@@ -247,13 +247,7 @@ class ExportedHeadsPotential(nn.Module):
         """Dipole moment [3] (e·Å) of the structure (all atoms given)."""
         if not self.has_dipole:
             raise RuntimeError("this model has no dipole head (it was trained with model.dipole = 'none')")
-        n = pos.shape[0]
-        edge_vec = edge_vectors(pos, edge_index, edge_shift)
-        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
-        q = torch.full((1,), total_charge, dtype=pos.dtype, device=pos.device)
-        with torch.no_grad():
-            out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q, cell.unsqueeze(0))
-        return out["dipole"][0]
+        return self._heads(pos, species, edge_index, edge_shift, cell, total_charge)["dipole"][0]
 
     @torch.jit.export
     def polarizability(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
@@ -262,13 +256,18 @@ class ExportedHeadsPotential(nn.Module):
         if not self.has_polarizability:
             raise RuntimeError("this model has no polarizability head (it was trained with "
                                "model.polarizability = false)")
+        return self._heads(pos, species, edge_index, edge_shift, cell, 0.0)["polarizability"][0]
+
+    def _heads(self, pos: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor, cell: Tensor,
+               total_charge: float) -> Dict[str, Tensor]:
+        """The model's outputs (``predict``, no gradients) for the structure, all atoms given, as one
+        graph with total charge ``total_charge`` (e): what :meth:`dipole` and :meth:`polarizability` read."""
         n = pos.shape[0]
         edge_vec = edge_vectors(pos, edge_index, edge_shift)
         batch = torch.zeros(n, dtype=torch.long, device=pos.device)
-        q = torch.zeros(1, dtype=pos.dtype, device=pos.device)
+        q = torch.full((1,), total_charge, dtype=pos.dtype, device=pos.device)
         with torch.no_grad():
-            out = self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q, cell.unsqueeze(0))
-        return out["polarizability"][0]
+            return self.energy_model.predict(species, edge_index, edge_vec, batch, 1, pos, q, cell.unsqueeze(0))
 
 
 class ExportedLayeredHeadsPotential(LayerEntryPoints, ExportedHeadsPotential):

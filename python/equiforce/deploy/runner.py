@@ -220,10 +220,17 @@ class ExportedRunner:
                        where: str = "this structure") -> np.ndarray:
         """Polarizability [3, 3] (e·Å²/V, symmetric) of a file with a polarizability head
         (translation invariant, so the reference point does not change it)."""
+        self._require_polarizability()
+        return self.run_polarizability(self.inputs(positions, symbols, cell, pbc, where))
+
+    def _require_polarizability(self) -> None:
         if not self.has_polarizability:
             raise DataError(f"{self.owner}: '{self.path}' has no polarizability head (metadata outputs "
                             f"{self.metadata.get('outputs')}); train with --polarizability to predict polarizabilities")
-        x = self.inputs(positions, symbols, cell, pbc, where)
+
+    def run_polarizability(self, x: ModelInputs) -> np.ndarray:
+        """:meth:`polarizability` of prepared inputs (the ASE calculator reuses those of its energy call)."""
+        self._require_polarizability()
         with torch.jit.optimized_execution(False):
             alpha = self.module.polarizability(x.pos, x.species, x.edge_index, x.edge_shift, x.cell)
         return alpha.detach().cpu().double().numpy().copy()

@@ -10,7 +10,8 @@ metadata; edges come from :func:`equiforce.data.neighbors.neighbor_list`.
 
 A file with a polarizability head also fills ``calc.results["polarizability"]`` ([3, 3], e·Å²/V,
 symmetric; times :data:`equiforce.units.POLARIZABILITY_VOLUME_A3` for Å^3) in every calculation
-(``calc.get_property("polarizability", atoms)``); it is one extra pass without gradients.
+(``calc.get_property("polarizability", atoms)``); it is one extra pass without gradients, on the
+same neighbour list as the energy.
 """
 from typing import List, Sequence
 
@@ -76,13 +77,14 @@ class EquiforceCalculator(Calculator):
                 "set pbc=True with a 3D cell or do not ask for stress")
         charge = atoms.info.get("charge")
         total_charge = None if charge is None else float(charge)
+        self.runner.check_long_range(pbc, total_charge)
+        # one set of inputs (neighbour list) for every output of this calculation
+        x = self.runner.inputs(atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, atoms.pbc)
         members = None
         if self.committee_size:
-            self.runner.check_long_range(pbc, total_charge)
-            res, members = self.runner.run_committee(self.runner.inputs(atoms.positions, atoms.get_chemical_symbols(),
-                                                                        atoms.cell.array, atoms.pbc))
+            res, members = self.runner.run_committee(x)
         else:
-            res = self.runner.run_atoms(atoms, total_charge=total_charge)
+            res = self.runner.run_inputs(x)
         self.results = {
             "energy": res.energy,
             "free_energy": res.energy,
@@ -90,8 +92,7 @@ class EquiforceCalculator(Calculator):
             "forces": res.forces,
         }
         if self.runner.has_polarizability:
-            self.results["polarizability"] = self.runner.polarizability(
-                atoms.positions, atoms.get_chemical_symbols(), atoms.cell.array, pbc)
+            self.results["polarizability"] = self.runner.run_polarizability(x)
         if members is not None:
             self.results.update({
                 "energy_uncertainty": members.energy_uncertainty,
